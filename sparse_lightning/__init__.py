@@ -1,0 +1,8 @@
+"""sparse-lightning: training-time sparsity for PyTorch Lightning."""
+
+from sparse_lightning.callbacks import ConstantMask, GradualMagnitudePruning, SparsityCallback, SparsityMonitor
+from sparse_lightning.core.masks import masks_of
+
+__version__ = "0.1.0"
+
+__all__ = ["ConstantMask", "GradualMagnitudePruning", "SparsityCallback", "SparsityMonitor", "masks_of"]

@@ -1,0 +1,7 @@
+"""Lightning callbacks, one file per method, all on :class:`~sparse_lightning.callbacks.base.SparsityCallback`."""
+
+from sparse_lightning.callbacks.base import SparsityCallback
+from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
+from sparse_lightning.callbacks.monitor import SparsityMonitor
+
+__all__ = ["ConstantMask", "GradualMagnitudePruning", "SparsityCallback", "SparsityMonitor"]

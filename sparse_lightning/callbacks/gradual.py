@@ -1,0 +1,202 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) and a constant mask for sparse fine-tuning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from sparse_lightning.callbacks.base import (
+    SparsityCallback,
+    check_fraction,
+    check_pattern_fits,
+    resolve_time,
+    select_overrides,
+)
+from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
+from sparse_lightning.core.patterns import parse_pattern
+from sparse_lightning.core.schedules import TimeValue, check_curve, is_event, parse_time, sparsity_at
+
+
+class GradualMagnitudePruning(SparsityCallback):
+    """Gradual magnitude pruning: Zhu & Gupta 2017, "To prune, or not to prune" (arXiv:1710.01878).
+
+    Every ``every`` optimizer steps from ``start`` to ``end`` the weights of smallest magnitude are masked so that
+    the selected weights reach the target of the schedule, eq. (1) of the paper for the default ``curve="cubic"``:
+
+        s_t = s_f + (s_i - s_f) (1 - (t - start) / (end - start))^3
+
+    Pruned weights never return. The update happens in ``on_before_optimizer_step`` of the step whose
+    ``trainer.global_step`` is due (after the backward pass, before the optimizer uses the gradient), and the
+    final target is reached at step ``end``. Deliberate differences from the paper: the per-layer amounts come from
+    ``distribution`` (the paper prunes each layer to the same target, ``"uniform"``), and patterns other than
+    unstructured are available.
+
+    Args:
+        sparsity: final fraction of zeros over the selected weights, in [0, 1).
+        initial_sparsity: sparsity at ``start`` (s_i), in [0, ``sparsity``].
+        start, end, every: optimizer steps (int), fractions of training (float) or epochs (``"3ep"``).
+        curve: ``cubic``, ``linear``, ``cosine``, ``exponential`` or ``constant``.
+        distribution: ``uniform``, ``er``, ``erk`` or ``global``.
+        pattern: ``unstructured``, ``"N:M"``, ``"block:RxC"`` or ``channel``.
+        include, exclude: parameter-name patterns; see :mod:`sparse_lightning.core.targets`.
+        overrides: ``{name pattern: final sparsity}`` for layers that follow their own target; the others are
+            solved so the selected weights together still reach ``sparsity``.
+        min_density: no layer keeps fewer than this fraction of its weights.
+        log_sparsity: log through the shared helper.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[GradualMagnitudePruning(sparsity=0.9, end=0.75, every=50)])
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        initial_sparsity: float = 0.0,
+        start: TimeValue = 0,
+        end: TimeValue = 0.75,
+        every: TimeValue = 100,
+        curve: str = "cubic",
+        distribution: str = "uniform",
+        pattern: str = "unstructured",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        overrides: Mapping[str, float] | None = None,
+        min_density: float = 0.0,
+        log_sparsity: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
+        if self.initial_sparsity > self.sparsity:
+            raise ValueError(
+                f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}): pruned weights "
+                "never return."
+            )
+        self.start_spec = parse_time(start, "start")
+        self.end_spec = parse_time(end, "end")
+        self.every_spec = parse_time(every, "every", allow_zero=False)
+        if self.start_spec.kind == self.end_spec.kind and self.end_spec.value <= self.start_spec.value:
+            raise ValueError(f"`end` ({end!r}) must come after `start` ({start!r}).")
+        self.curve = check_curve(curve)
+        self.distribution = check_distribution(distribution)
+        self.pattern = parse_pattern(pattern)
+        if self.sparsity > self.pattern.max_sparsity + 1e-12:
+            raise ValueError(
+                f"`sparsity` {sparsity} is more than pattern {self.pattern} allows (at most {self.pattern.max_sparsity})."
+            )
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(f"`overrides` must map parameter-name patterns to sparsities, got {overrides!r}.")
+        self.overrides = {str(k): check_fraction(f"overrides[{k!r}]", v) for k, v in (overrides or {}).items()}
+        self.min_density = check_fraction("min_density", min_density)
+        self.start_step = self.end_step = self.every_steps = None
+        self._layer_overrides: dict[str, float] = {}
+
+    @property
+    def current_target(self) -> float | None:
+        if self.start_step is None or self.last_update_step < 0:
+            return 0.0
+        return self.target_at(self.last_update_step)
+
+    def target_at(self, step: int) -> float:
+        assert self.start_step is not None and self.end_step is not None
+        return sparsity_at(step, self.start_step, self.end_step, self.initial_sparsity, self.sparsity, self.curve)
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
+        check_pattern_fits(self.pattern, params)
+        self._layer_overrides = select_overrides(list(params), self.overrides)
+        for name, value in self._layer_overrides.items():
+            if value > self.pattern.max_sparsity + 1e-12:
+                raise ValueError(f"`overrides` give {name!r} sparsity {value}, more than pattern {self.pattern} allows.")
+        shapes = {n: p.shape for n, p in params.items()}
+        if self.distribution != "global":
+            floor = {n: 1.0 - self.pattern.max_sparsity for n in shapes}
+            fixed = {n: 1.0 - s for n, s in self._layer_overrides.items()}
+            layer_densities(shapes, self.sparsity, self.distribution, fixed, self.min_density, floor)
+        else:
+            total = sum(math.prod(s) for s in shapes.values())
+            fixed_kept = sum((1 - s) * math.prod(shapes[n]) for n, s in self._layer_overrides.items())
+            if fixed_kept > (1 - self.sparsity) * total + 0.5:
+                raise ValueError(
+                    f"`overrides` keep more weights than `sparsity` {self.sparsity} allows over the selected layers."
+                )
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> None:
+        total = trainer.estimated_stepping_batches
+        start = resolve_time(trainer, self.start_spec, "start")
+        end = resolve_time(trainer, self.end_spec, "end")
+        every = max(1, resolve_time(trainer, self.every_spec, "every"))
+        if math.isfinite(total) and end >= total:
+            if end > total:
+                raise ValueError(
+                    f"`end`={self.end_spec.text} is optimizer step {end}, but training has only {int(total)} steps: "
+                    "the target sparsity would never be reached."
+                )
+            end = int(total) - 1
+        if end <= start:
+            raise ValueError(
+                f"`end`={self.end_spec.text} (step {end}) must come after `start`={self.start_spec.text} (step {start})."
+            )
+        self.start_step, self.end_step, self.every_steps = start, end, every
+
+    def is_update_step(self, step: int) -> bool:
+        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
+        return is_event(step, self.start_step, self.end_step, self.every_steps)
+
+    def compute_masks(self, step: int, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        assert self.start_step is not None and self.end_step is not None
+        scores = {
+            n: params[n].detach().abs().float().masked_fill(~self.mask_set.mask_for(n, params[n]), -math.inf)
+            for n in self.names
+        }
+        fixed = {
+            n: 1.0
+            - sparsity_at(step, self.start_step, self.end_step, min(self.initial_sparsity, s), s, self.curve)
+            for n, s in self._layer_overrides.items()
+        }
+        pruned = pruned_units(scores, self.pattern, self.target_at(step), self.distribution, fixed, self.min_density)
+        return {n: self.pattern.keep_mask(scores[n], pruned[n]) for n in self.names}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self.end_step is not None and self.last_update_step < self.end_step:
+            rank_zero_warn(
+                f"Training stopped at step {trainer.global_step}, before `end` (step {self.end_step}): the sparsity "
+                f"is {self.current_target:.4f}, not the target {self.sparsity}."
+            )
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"schedule": [self.start_step, self.end_step, self.every_steps]}
+
+
+class ConstantMask(SparsityCallback):
+    """Keep the zeros a model already has: sparse fine-tuning after pruning, or training a given sparse model.
+
+    At ``setup`` each selected parameter without a mask gets ``weight != 0`` as its mask (a parameter already
+    masked by an earlier method keeps that mask); from then on masked weights, their gradients and optimizer state
+    stay exactly zero.
+
+    Args:
+        include, exclude: parameter-name patterns; see :mod:`sparse_lightning.core.targets`.
+        log_sparsity: log through the shared helper.
+    """
+
+    def __init__(
+        self,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
+
+    @property
+    def current_target(self) -> float | None:
+        return self.mask_set.sparsity(self.names) if self._module is not None and self.names else None
+
+    def initial_mask(self, name: str, param: Tensor) -> Tensor | None:
+        return param.detach() != 0

@@ -1,0 +1,184 @@
+"""The mask set: one bool mask (True = kept) per parameter name, shared by every method on a module.
+
+The set is attached to the module it was made for; each masked ``nn.Parameter`` also points back at it, so
+:func:`masks_of` answers for that module and for any of its submodules, under the names their own
+``named_parameters()`` use. Parameters are looked up by name at every use, never cached, so wrappers that replace
+parameter objects (or move them between devices) see the current ones. A mask is moved to its parameter's device
+the first time it is applied there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+_SET_ATTR = "_sparse_lightning_mask_set"
+_REF_ATTR = "_sparse_lightning_mask_ref"
+
+
+class MaskSet:
+    """Bool masks by parameter name (relative to the module the set is attached to)."""
+
+    def __init__(self) -> None:
+        self._masks: dict[str, Tensor] = {}
+
+    @staticmethod
+    def of(module: nn.Module) -> MaskSet:
+        """The set attached to ``module``, attaching an empty one the first time."""
+        mask_set = module.__dict__.get(_SET_ATTR)
+        if mask_set is None:
+            mask_set = MaskSet()
+            object.__setattr__(module, _SET_ATTR, mask_set)
+        return mask_set
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._masks
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._masks[name]
+
+    def names(self) -> list[str]:
+        return list(self._masks)
+
+    def add(self, name: str, param: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Install a mask for ``name`` (all kept when ``mask`` is None); an existing mask is kept as it is."""
+        if name not in self._masks:
+            if mask is None:
+                mask = torch.ones_like(param, dtype=torch.bool)
+            self._check(name, param, mask)
+            self._masks[name] = mask.to(device=param.device, dtype=torch.bool).clone()
+        param.__dict__[_REF_ATTR] = (weakref.ref(self), name)
+        return self._masks[name]
+
+    def remove(self, name: str, param: Tensor | None = None) -> None:
+        self._masks.pop(name, None)
+        if param is not None:
+            param.__dict__.pop(_REF_ATTR, None)
+
+    def update(self, name: str, mask: Tensor) -> Tensor:
+        """Replace the mask of ``name`` in place; returns the entries that this update prunes (bool)."""
+        current = self._masks[name]
+        mask = mask.to(device=current.device, dtype=torch.bool)
+        if mask.shape != current.shape:
+            raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(current.shape)}.")
+        newly_pruned = current & ~mask
+        current.copy_(mask)
+        return newly_pruned
+
+    def mask_for(self, name: str, param: Tensor) -> Tensor:
+        mask = self._masks[name]
+        if mask.device != param.device:
+            mask = self._masks[name] = mask.to(param.device)
+        return mask
+
+    @torch.no_grad()
+    def apply_to_weights(self, params: Mapping[str, Tensor], names: Iterable[str] | None = None) -> None:
+        for name in self._masks if names is None else names:
+            param = params[name]
+            param.mul_(self.mask_for(name, param))
+
+    @torch.no_grad()
+    def apply_to_grads(self, params: Mapping[str, Tensor], names: Iterable[str] | None = None) -> None:
+        for name in self._masks if names is None else names:
+            param = params[name]
+            if param.grad is not None:
+                param.grad.mul_(self.mask_for(name, param))
+
+    @torch.no_grad()
+    def apply_to_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], names: Iterable[str] | None = None
+    ) -> None:
+        """Zero the optimizer state (momentum, Adam moments, ...) of masked-out entries."""
+        for name in self._masks if names is None else names:
+            param = params[name]
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            mask = self.mask_for(name, param)
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.mul_(mask)
+
+    def sparsity(self, names: Iterable[str] | None = None) -> float:
+        """Fraction of masked-out entries over ``names`` (all masks when None)."""
+        names = list(self._masks if names is None else names)
+        total = sum(self._masks[n].numel() for n in names)
+        kept = sum(int(self._masks[n].sum()) for n in names)
+        return 1.0 - kept / total if total else 0.0
+
+    def state_dict(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        return {n: self._masks[n].detach().cpu().clone() for n in (self._masks if names is None else names)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+        for name, mask in state.items():
+            if name not in params:
+                raise KeyError(f"Checkpoint holds a mask for {name!r}, which the model has no parameter for.")
+            if name in self._masks:
+                self.update(name, mask)
+                self.add(name, params[name])
+            else:
+                self.add(name, params[name], mask)
+
+    def _check(self, name: str, param: Tensor, mask: Tensor) -> None:
+        if mask.shape != param.shape:
+            raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}.")
+
+    # --- several processes -------------------------------------------------------------------------------------
+
+    def broadcast(self, names: Iterable[str] | None = None, src: int = 0) -> None:
+        """Make every rank hold rank ``src``'s masks (one collective for all of them)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        names = list(self._masks if names is None else names)
+        flat = torch.cat([self._masks[n].flatten() for n in names]).to(torch.uint8)
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for n in names:
+            mask = self._masks[n]
+            mask.copy_(flat[offset : offset + mask.numel()].view(mask.shape).bool())
+            offset += mask.numel()
+
+    def fingerprint(self, names: Iterable[str] | None = None) -> Tensor:
+        """Two int64 numbers per mask (kept count and an index-weighted checksum) that differ when masks differ."""
+        values = []
+        for n in self._masks if names is None else names:
+            flat = self._masks[n].flatten().long()
+            weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.long) % 1_000_003
+            values.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+        return torch.stack(values) if values else torch.zeros(0, 2, dtype=torch.long)
+
+    def check_agreement(self, names: Iterable[str] | None = None) -> None:
+        """Raise ``RuntimeError`` when any rank holds different masks from rank 0."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        names = list(self._masks if names is None else names)
+        mine = self.fingerprint(names)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        for rank, theirs in enumerate(gathered):
+            if not torch.equal(theirs, gathered[0]):
+                differing = [n for n, a, b in zip(names, theirs, gathered[0], strict=True) if not torch.equal(a, b)]
+                raise RuntimeError(f"Masks differ between rank 0 and rank {rank} for {differing}.")
+
+
+def masks_of(module: nn.Module) -> dict[str, Tensor]:
+    """``{parameter name: bool mask}`` (True = kept) for every masked parameter of ``module``.
+
+    Names are those of ``module.named_parameters()``; the tensors are the live masks (do not modify them).
+    """
+    result = {}
+    for name, param in module.named_parameters():
+        ref = param.__dict__.get(_REF_ATTR)
+        if ref is None:
+            continue
+        mask_set, key = ref[0](), ref[1]
+        if mask_set is not None and key in mask_set:
+            result[name] = mask_set.mask_for(key, param)
+    return result

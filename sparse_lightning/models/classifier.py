@@ -1,0 +1,106 @@
+"""A ``LightningModule`` around any classification network: cross-entropy, Adam or SGD, torchmetrics accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class LitClassifier(pl.LightningModule):
+    """Train ``net`` (inputs -> logits) for ``num_classes``; logs ``train/loss``, ``val/acc``, ``test/acc``.
+
+    Args:
+        net: the network; its parameters are named ``net.<...>``.
+        num_classes: number of classes.
+        lr, weight_decay, momentum: optimizer settings.
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int = 10,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
+        if lr <= 0:
+            raise ValueError(f"`lr` must be positive, got {lr}.")
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _step(self, batch: Any, metric: torchmetrics.Metric, stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        metric(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, self.train_acc, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, self.val_acc, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, self.test_acc, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        return cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+class ImageClassifier(LitClassifier):
+    """A torchvision classification model by name, e.g. ``ImageClassifier("resnet18", num_classes=10)``.
+
+    Weights are never downloaded (``weights=None``); extra keyword arguments go to the torchvision builder.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__(torchvision_net(arch, num_classes, **model_kwargs), num_classes, lr, weight_decay, optimizer, momentum)
+        self.save_hyperparameters()
+
+
+def torchvision_net(arch: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise ValueError(f"Unknown torchvision classification model {arch!r}. Available: {sorted(available)}.")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def torchvision_classifier(arch: str, num_classes: int = 10, **kwargs: Any) -> ImageClassifier:
+    """Wrap a torchvision classification model as a :class:`LitClassifier` (no weights are downloaded)."""
+    return ImageClassifier(arch, num_classes, **kwargs)

@@ -1,0 +1,86 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+from helpers import QUIET, TinyNet, tiny_loader
+
+from sparse_lightning.callbacks.base import resolve_time
+from sparse_lightning.core.schedules import CURVES, is_event, parse_time, sparsity_at
+
+
+@pytest.mark.parametrize("step", [0, 10, 25, 50, 73, 100])
+def test_cubic_matches_zhu_gupta(step):
+    s_i, s_f, t0, n_dt = 0.1, 0.9, 0, 100
+    expected = s_f + (s_i - s_f) * (1 - (step - t0) / n_dt) ** 3
+    assert sparsity_at(step, t0, t0 + n_dt, s_i, s_f, "cubic") == pytest.approx(expected, abs=1e-12)
+
+
+def test_curve_values_at_chosen_points():
+    assert sparsity_at(50, 0, 100, 0.0, 0.8, "linear") == pytest.approx(0.4)
+    assert sparsity_at(50, 0, 100, 0.0, 0.8, "cosine") == pytest.approx(0.4)
+    assert sparsity_at(25, 0, 100, 0.0, 0.8, "cosine") == pytest.approx(0.8 * (1 - math.cos(math.pi / 4)) / 2)
+    # exponential: density halves from 1 to 0.25 over the window -> 0.5 at the middle
+    assert sparsity_at(50, 0, 100, 0.0, 0.75, "exponential") == pytest.approx(0.5)
+    assert sparsity_at(1, 0, 100, 0.0, 0.75, "constant") == 0.75
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+def test_every_curve_starts_and_ends_on_target(curve):
+    assert sparsity_at(-1 + 10, 10, 110, 0.2, 0.9, curve) == 0.0  # before start nothing is pruned
+    if curve != "constant":
+        assert sparsity_at(10, 10, 110, 0.2, 0.9, curve) == pytest.approx(0.2)
+    assert sparsity_at(110, 10, 110, 0.2, 0.9, curve) == pytest.approx(0.9)
+    assert sparsity_at(500, 10, 110, 0.2, 0.9, curve) == pytest.approx(0.9)
+
+
+def test_curves_differ_from_each_other():
+    values = {c: sparsity_at(30, 0, 100, 0.0, 0.9, c) for c in CURVES}
+    assert len({round(v, 6) for v in values.values()}) == len(CURVES)
+
+
+def test_events():
+    assert [s for s in range(40) if is_event(s, 5, 23, 5)] == [5, 10, 15, 20, 23]
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "number"),
+    [(10, "steps", 10), (0.5, "fraction", 0.5), ("3ep", "epochs", 3.0), ("0.5ep", "epochs", 0.5), (" 2 ep", "epochs", 2)],
+)
+def test_parse_time(value, kind, number):
+    spec = parse_time(value, "start")
+    assert (spec.kind, spec.value) == (kind, number)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(-1, "`end` must be >= 0"), (1.5, r"`end` as a float .* \(0, 1\]"), ("3 epochs", "could not parse '3 epochs'"),
+     (True, "`end` must be"), ([3], "`end` must be")],
+)
+def test_parse_time_errors(value, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        parse_time(value, "end")
+
+
+def test_every_must_be_positive():
+    with pytest.raises(ValueError, match="`every` must be >= 1"):
+        parse_time(0, "every", allow_zero=False)
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_time_resolves_in_optimizer_steps(accumulate):
+    """10 batches per epoch: with accumulation 4 an epoch has ceil(10 / 4) = 3 optimizer steps."""
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["ep"] = resolve_time(trainer, parse_time("2ep", "end"), "end")
+            seen["frac"] = resolve_time(trainer, parse_time(0.5, "end"), "end")
+            seen["total"] = trainer.estimated_stepping_batches
+
+    trainer = pl.Trainer(max_epochs=4, accumulate_grad_batches=accumulate, callbacks=[Probe()], **QUIET)
+    trainer.fit(TinyNet(), tiny_loader(n=80))
+    per_epoch = math.ceil(10 / accumulate)
+    assert seen["ep"] == 2 * per_epoch
+    assert seen["total"] == 4 * per_epoch
+    assert seen["frac"] == round(0.5 * 4 * per_epoch)
+    assert trainer.global_step == 4 * per_epoch

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from helpers import TinyNet
+from torch import nn
+
+from sparse_lightning import masks_of
+from sparse_lightning.core.masks import MaskSet
+from sparse_lightning.core.targets import select_parameters
+
+
+def test_default_selects_linear_and_conv_weights_only(model):
+    assert select_parameters(model) == ["conv.weight", "fc1.weight", "fc2.weight"]
+
+
+def test_include_exclude_globs_and_regex(model):
+    assert select_parameters(model, include=["fc*.weight"]) == ["fc1.weight", "fc2.weight"]
+    assert select_parameters(model, include=["re:fc\\d\\.(weight|bias)"], exclude=["*.bias"]) == ["fc1.weight", "fc2.weight"]
+    assert select_parameters(model, include=["bn.weight"]) == ["bn.weight"]
+    assert select_parameters(model, exclude=["conv.*"]) == ["fc1.weight", "fc2.weight"]
+
+
+def test_patterns_that_select_nothing_are_named(model):
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder\.\*' selects no parameter"):
+        select_parameters(model, include=["encoder.*"])
+    with pytest.raises(ValueError, match="`exclude` pattern 'fc9.weight' matches no selected parameter"):
+        select_parameters(model, exclude=["fc9.weight"])
+    with pytest.raises(ValueError, match="Invalid regular expression"):
+        select_parameters(model, include=["re:fc[("])
+    with pytest.raises(TypeError, match="must be a list"):
+        select_parameters(model, include="fc1.weight")
+
+
+def test_masks_of_uses_each_modules_own_names(model):
+    wrapper = nn.Sequential(model)
+    mask_set = MaskSet.of(wrapper)
+    params = dict(wrapper.named_parameters())
+    mask_set.add("0.fc1.weight", params["0.fc1.weight"], params["0.fc1.weight"] > 0)
+    assert list(masks_of(wrapper)) == ["0.fc1.weight"]
+    assert list(masks_of(model)) == ["fc1.weight"]
+    assert masks_of(model)["fc1.weight"].dtype == torch.bool
+    assert masks_of(TinyNet()) == {}
+
+
+def test_mask_set_applies_to_weights_grads_and_optimizer_state(model):
+    params = dict(model.named_parameters())
+    mask_set = MaskSet.of(model)
+    w = params["fc2.weight"]
+    mask = torch.rand_like(w) > 0.5
+    mask_set.add("fc2.weight", w, mask)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    mask_set.apply_to_grads(params)
+    mask_set.apply_to_weights(params)
+    mask_set.apply_to_optimizer_state(opt, params)
+    assert (w[~mask] == 0).all() and (w.grad[~mask] == 0).all()
+    assert (opt.state[w]["exp_avg"][~mask] == 0).all() and (opt.state[w]["exp_avg_sq"][~mask] == 0).all()
+    assert (w[mask] != 0).all()
+    state = mask_set.state_dict()
+    assert torch.equal(state["fc2.weight"], mask)
