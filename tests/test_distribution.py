@@ -5,8 +5,8 @@ import torch
 
 from sparse_lightning.core.distribution import (
     allocate_keep_counts,
-    erk_densities,
     er_densities,
+    erk_densities,
     layer_densities,
     pruned_units,
 )

@@ -50,8 +50,13 @@ def test_channel_pattern_keeps_at_least_one_channel():
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("5:4", "need 0 < N < M"), ("0:4", "need 0 < N < M"), ("block:1x1", "at least 2"), ("bogus", "Unknown `pattern`"),
-     (3, "must be a string")],
+    [
+        ("5:4", "need 0 < N < M"),
+        ("0:4", "need 0 < N < M"),
+        ("block:1x1", "at least 2"),
+        ("bogus", "Unknown `pattern`"),
+        (3, "must be a string"),
+    ],
 )
 def test_bad_pattern_strings(text, message):
     with pytest.raises((ValueError, TypeError), match=message):

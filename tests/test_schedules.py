@@ -44,7 +44,13 @@ def test_events():
 
 @pytest.mark.parametrize(
     ("value", "kind", "number"),
-    [(10, "steps", 10), (0.5, "fraction", 0.5), ("3ep", "epochs", 3.0), ("0.5ep", "epochs", 0.5), (" 2 ep", "epochs", 2)],
+    [
+        (10, "steps", 10),
+        (0.5, "fraction", 0.5),
+        ("3ep", "epochs", 3.0),
+        ("0.5ep", "epochs", 0.5),
+        (" 2 ep", "epochs", 2),
+    ],
 )
 def test_parse_time(value, kind, number):
     spec = parse_time(value, "start")
@@ -53,8 +59,13 @@ def test_parse_time(value, kind, number):
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(-1, "`end` must be >= 0"), (1.5, r"`end` as a float .* \(0, 1\]"), ("3 epochs", "could not parse '3 epochs'"),
-     (True, "`end` must be"), ([3], "`end` must be")],
+    [
+        (-1, "`end` must be >= 0"),
+        (1.5, r"`end` as a float .* \(0, 1\]"),
+        ("3 epochs", "could not parse '3 epochs'"),
+        (True, "`end` must be"),
+        ([3], "`end` must be"),
+    ],
 )
 def test_parse_time_errors(value, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -14,7 +14,10 @@ def test_default_selects_linear_and_conv_weights_only(model):
 
 def test_include_exclude_globs_and_regex(model):
     assert select_parameters(model, include=["fc*.weight"]) == ["fc1.weight", "fc2.weight"]
-    assert select_parameters(model, include=["re:fc\\d\\.(weight|bias)"], exclude=["*.bias"]) == ["fc1.weight", "fc2.weight"]
+    assert select_parameters(model, include=["re:fc\\d\\.(weight|bias)"], exclude=["*.bias"]) == [
+        "fc1.weight",
+        "fc2.weight",
+    ]
     assert select_parameters(model, include=["bn.weight"]) == ["bn.weight"]
     assert select_parameters(model, exclude=["conv.*"]) == ["fc1.weight", "fc2.weight"]
 

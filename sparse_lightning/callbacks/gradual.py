@@ -88,7 +88,8 @@ class GradualMagnitudePruning(SparsityCallback):
         self.pattern = parse_pattern(pattern)
         if self.sparsity > self.pattern.max_sparsity + 1e-12:
             raise ValueError(
-                f"`sparsity` {sparsity} is more than pattern {self.pattern} allows (at most {self.pattern.max_sparsity})."
+                f"`sparsity` {sparsity} is more than pattern {self.pattern} allows "
+                f"(at most {self.pattern.max_sparsity})."
             )
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError(f"`overrides` must map parameter-name patterns to sparsities, got {overrides!r}.")
@@ -112,7 +113,9 @@ class GradualMagnitudePruning(SparsityCallback):
         self._layer_overrides = select_overrides(list(params), self.overrides)
         for name, value in self._layer_overrides.items():
             if value > self.pattern.max_sparsity + 1e-12:
-                raise ValueError(f"`overrides` give {name!r} sparsity {value}, more than pattern {self.pattern} allows.")
+                raise ValueError(
+                    f"`overrides` give {name!r} sparsity {value}, more than pattern {self.pattern} allows."
+                )
         shapes = {n: p.shape for n, p in params.items()}
         if self.distribution != "global":
             floor = {n: 1.0 - self.pattern.max_sparsity for n in shapes}
@@ -140,7 +143,8 @@ class GradualMagnitudePruning(SparsityCallback):
             end = int(total) - 1
         if end <= start:
             raise ValueError(
-                f"`end`={self.end_spec.text} (step {end}) must come after `start`={self.start_spec.text} (step {start})."
+                f"`end`={self.end_spec.text} (step {end}) must come after "
+                f"`start`={self.start_spec.text} (step {start})."
             )
         self.start_step, self.end_step, self.every_steps = start, end, every
 
@@ -155,8 +159,7 @@ class GradualMagnitudePruning(SparsityCallback):
             for n in self.names
         }
         fixed = {
-            n: 1.0
-            - sparsity_at(step, self.start_step, self.end_step, min(self.initial_sparsity, s), s, self.curve)
+            n: 1.0 - sparsity_at(step, self.start_step, self.end_step, min(self.initial_sparsity, s), s, self.curve)
             for n, s in self._layer_overrides.items()
         }
         pruned = pruned_units(scores, self.pattern, self.target_at(step), self.distribution, fixed, self.min_density)

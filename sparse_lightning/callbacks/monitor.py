@@ -47,7 +47,13 @@ def log_sparsity(
     values.update({f"sparsity/{name}": value for name, value in per_layer.items()})
     for key, value in values.items():
         pl_module.log(
-            key, value, on_step=True, on_epoch=False, prog_bar=prog_bar and key == "sparsity/global", logger=True, batch_size=1
+            key,
+            value,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=prog_bar and key == "sparsity/global",
+            logger=True,
+            batch_size=1,
         )
     return values
 

@@ -114,7 +114,9 @@ def er_densities(shapes: Mapping[str, torch.Size], sparsity: float) -> dict[str,
     return layer_densities(shapes, sparsity, "er")
 
 
-def allocate_keep_counts(ideal: Mapping[str, float], total: int, unit: Mapping[str, int], cap: Mapping[str, int]) -> dict[str, int]:
+def allocate_keep_counts(
+    ideal: Mapping[str, float], total: int, unit: Mapping[str, int], cap: Mapping[str, int]
+) -> dict[str, int]:
     """Round ``ideal`` unit counts so that sum(count * unit) comes as close to ``total`` as units allow.
 
     Largest-remainder rounding: floors first, then one more unit to the layers with the largest fractional parts.
@@ -165,7 +167,9 @@ def pruned_units(
         counts = {k: min(cap[k], round((1.0 - fixed[k]) * numel[k] / unit[k])) for k in fixed}
         free = [k for k in shapes if k not in fixed]
         budget = total_remove - sum(counts[k] * unit[k] for k in counts)
-        counts.update(_global_counts({k: units[k] for k in free}, {k: unit[k] for k in free}, {k: cap[k] for k in free}, budget))
+        counts.update(
+            _global_counts({k: units[k] for k in free}, {k: unit[k] for k in free}, {k: cap[k] for k in free}, budget)
+        )
     result = {}
     for k, u in units.items():
         n = max(counts[k], already[k])
@@ -174,7 +178,9 @@ def pruned_units(
     return result
 
 
-def _global_counts(units: Mapping[str, Tensor], unit: Mapping[str, int], cap: Mapping[str, int], budget: int) -> dict[str, int]:
+def _global_counts(
+    units: Mapping[str, Tensor], unit: Mapping[str, int], cap: Mapping[str, int], budget: int
+) -> dict[str, int]:
     """Units to prune per layer under one threshold on unit scores, honouring each layer's cap."""
     if not units:
         return {}

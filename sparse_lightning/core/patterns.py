@@ -148,7 +148,9 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     if match := _NM.match(text):
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
-            raise ValueError(f"`pattern` {pattern!r} is not a valid N:M pattern: need 0 < N < M. Allowed: {PATTERN_FORMS}.")
+            raise ValueError(
+                f"`pattern` {pattern!r} is not a valid N:M pattern: need 0 < N < M. Allowed: {PATTERN_FORMS}."
+            )
         return Pattern("nm", n, m)
     if match := _BLOCK.match(text):
         r, c = int(match.group(1)), int(match.group(2))

@@ -64,8 +64,7 @@ def select_parameters(
         for pattern, regex in compiled:
             if not any(regex.fullmatch(name) for name in names):
                 raise ValueError(
-                    f"`include` pattern {pattern!r} selects no parameter. Parameters are named like "
-                    f"{_examples(names)}."
+                    f"`include` pattern {pattern!r} selects no parameter. Parameters are named like {_examples(names)}."
                 )
         selected = [name for name in names if any(regex.fullmatch(name) for _, regex in compiled)]
     else:

@@ -21,7 +21,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SPARSE_LIGHTNING_CACHE", Path.home() / ".cache" / "sparse_lightning"))
 
 
-def mnist1d_arrays(num_samples: int = 5000, seed: int = 42, cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+def mnist1d_arrays(
+    num_samples: int = 5000, seed: int = 42, cache_dir: str | Path | None = None
+) -> dict[str, np.ndarray]:
     """``x``, ``y``, ``x_test``, ``y_test`` arrays of MNIST-1D, generated once and cached on disk.
 
     The global ``random`` and NumPy generators that ``make_dataset`` reseeds are restored afterwards.

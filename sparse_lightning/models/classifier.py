@@ -88,7 +88,9 @@ class ImageClassifier(LitClassifier):
         momentum: float = 0.9,
         **model_kwargs: Any,
     ) -> None:
-        super().__init__(torchvision_net(arch, num_classes, **model_kwargs), num_classes, lr, weight_decay, optimizer, momentum)
+        super().__init__(
+            torchvision_net(arch, num_classes, **model_kwargs), num_classes, lr, weight_decay, optimizer, momentum
+        )
         self.save_hyperparameters()
 
 

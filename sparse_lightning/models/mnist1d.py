@@ -46,7 +46,9 @@ class MLP1D(nn.Module):
 class MNIST1DCNN(LitClassifier):
     """The MNIST-1D paper's CNN (``channels=25``) or its wide variant (``channels=128``), Adam at 1e-2."""
 
-    def __init__(self, channels: int = 25, lr: float = 1e-2, weight_decay: float = 0.0, optimizer: str = "adam") -> None:
+    def __init__(
+        self, channels: int = 25, lr: float = 1e-2, weight_decay: float = 0.0, optimizer: str = "adam"
+    ) -> None:
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"`channels` must be a positive int, got {channels!r}.")
         super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer)

@@ -1,0 +1,61 @@
+"""Run by tests/test_ddp.py as ``python tests/ddp_train.py OUT_DIR``: Lightning's ``ddp`` on 2 CPU processes.
+
+Each rank records a fingerprint of its masks after every mask update and writes its final masks and weights to
+``OUT_DIR/rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import TinyNet, tiny_loader  # noqa: E402
+
+from sparse_lightning import GradualMagnitudePruning, masks_of  # noqa: E402
+from sparse_lightning.core.masks import MaskSet  # noqa: E402
+
+
+class Record(pl.Callback):
+    def __init__(self) -> None:
+        self.history: list[tuple[int, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.history.append((trainer.global_step, MaskSet.of(pl_module).fingerprint()))
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    model = TinyNet("adam", lr=0.01)
+    distribution = sys.argv[2] if len(sys.argv) > 2 else "global"
+    pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3, distribution=distribution)
+    record = Record()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        callbacks=[pruning, record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, tiny_loader(n=64, batch_size=4))
+    torch.save(
+        {
+            "masks": {n: m.clone() for n, m in masks_of(model).items()},
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "history": record.history,
+            "steps": trainer.global_step,
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

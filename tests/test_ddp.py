@@ -1,0 +1,32 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "ddp_train.py"
+
+
+@pytest.mark.parametrize("distribution", ["global", "erk"])
+def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), distribution], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 24  # 64 samples / 2 ranks / batch 4 = 8 steps, 3 epochs
+    for (step_a, fp_a), (step_b, fp_b) in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
+        assert step_a == step_b and torch.equal(fp_a, fp_b), f"masks differ after step {step_a}"
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    kept = sum(int(m.sum()) for m in ranks[0]["masks"].values())
+    total = sum(m.numel() for m in ranks[0]["masks"].values())
+    assert total - kept == round(0.9 * total)
+    params = ranks[0]["weights"]
+    zeros = sum(int((params[n] == 0).sum()) for n in ranks[0]["masks"])
+    assert zeros >= round(0.9 * total)

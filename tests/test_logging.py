@@ -1,0 +1,60 @@
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import QUIET, TinyNet, tiny_loader
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from wandb_records import history
+
+from sparse_lightning import GradualMagnitudePruning, SparsityMonitor
+
+
+def test_wandb_offline_run_records_sparsity_table_and_histograms(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    logger = WandbLogger(project="sparse-lightning-tests", save_dir=str(tmp_path), offline=True)
+    pruning = GradualMagnitudePruning(sparsity=0.8, start=4, end=12, every=4)
+    settings = {**QUIET, "logger": logger}
+    pl.Trainer(max_epochs=2, log_every_n_steps=1, callbacks=[pruning], **settings).fit(TinyNet(), tiny_loader())
+    import wandb
+
+    wandb.finish()
+    (run_file,) = Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb")
+    rows = history(run_file)
+    values = [(row["trainer/global_step"], row["sparsity/global"]) for row in rows if "sparsity/global" in row]
+    assert len(values) == 16
+    # events at steps 4 (s_i = 0), 8 (0.8 * (1 - 0.5^3) = 0.7) and 12 (0.8); every earlier value is 0.0
+    assert [v for s, v in values if s < 8] == [0.0] * 8, "0.0 before pruning starts must reach W&B"
+    assert values[8][1] == pytest.approx(0.7, abs=1e-3)
+    assert values[-1][1] == pytest.approx(0.8, abs=1e-3)
+    targets = [row["sparsity/target"] for row in rows if "sparsity/target" in row]
+    assert targets[0] == 0.0 and targets[-1] == pytest.approx(0.8)
+    assert any("sparsity/fc1.weight" in row for row in rows)
+    tables = [row for row in rows if "sparsity/layers/_type" in row]
+    assert len(tables) == 4  # pruning events at steps 4, 8, 12 and the end of fit
+    assert all(t["sparsity/layers/_type"] == "table-file" and t["sparsity/layers/nrows"] == 3 for t in tables)
+    (table_file,) = run_file.parent.glob("files/" + tables[-1]["sparsity/layers/path"])
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["parameter", "shape", "numel", "nonzero", "sparsity", "target"]
+    by_name = {row[0]: row for row in table["data"]}
+    assert by_name["fc1.weight"][4] == pytest.approx(0.8, abs=1e-3)
+    hists = [row for row in rows if row.get("weights/fc1.weight/_type") == "histogram"]
+    assert len(hists) == 4
+
+
+def test_metrics_reach_any_lightning_logger(tmp_path):
+    logger = CSVLogger(tmp_path)
+    pruning = GradualMagnitudePruning(sparsity=0.5, start=2, end=6, every=2, log_sparsity=False)
+    settings = {**QUIET, "logger": logger}
+    trainer = pl.Trainer(max_epochs=1, log_every_n_steps=1, callbacks=[pruning, SparsityMonitor()], **settings)
+    trainer.fit(TinyNet(), tiny_loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["sparsity/global"]) for r in rows if r.get("sparsity/global")]
+    assert logged[0] == 0.0 and logged[-1] == pytest.approx(0.5, abs=1e-3)
+    assert "sparsity/conv.weight" in rows[0]
+    assert "sparsity/global" in trainer.progress_bar_metrics
