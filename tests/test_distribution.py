@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sparse_lightning.core.distribution import (
     allocate_keep_counts,
@@ -9,6 +11,7 @@ from sparse_lightning.core.distribution import (
     erk_densities,
     layer_densities,
     pruned_units,
+    smallest,
 )
 from sparse_lightning.core.patterns import parse_pattern
 
@@ -76,3 +79,15 @@ def test_already_pruned_entries_stay_pruned():
     score = torch.tensor([[-math.inf, 0.1, 5.0, 6.0]])
     pruned = pruned_units({"w": score}, parse_pattern("unstructured"), 0.25, "uniform")
     assert pruned["w"].tolist() == [True, False, False, False]
+
+
+@given(
+    values=st.lists(st.integers(-3, 3).map(float) | st.just(-math.inf), min_size=1, max_size=60),
+    fraction=st.floats(0, 1),
+)
+def test_smallest_equals_a_stable_sort(values, fraction):
+    tensor = torch.tensor(values)
+    k = round(fraction * len(values))
+    expected = torch.zeros(len(values), dtype=torch.bool)
+    expected[tensor.argsort(stable=True)[:k]] = True
+    assert torch.equal(smallest(tensor, k), expected)

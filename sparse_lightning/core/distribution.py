@@ -163,19 +163,41 @@ def pruned_units(
         dens = layer_densities(shapes, sparsity, distribution, fixed, min_density, nm_floor)
         ideal = {k: (1.0 - dens[k]) * numel[k] / unit[k] for k in shapes}
         counts = allocate_keep_counts(ideal, total_remove, unit, cap)
+        return {k: smallest(units[k], max(counts[k], already[k])) for k in units}
+    result = {
+        k: smallest(units[k], max(min(cap[k], round((1.0 - fixed[k]) * numel[k] / unit[k])), already[k])) for k in fixed
+    }
+    free = [k for k in shapes if k not in fixed]
+    if not free:
+        return result
+    budget = total_remove - sum(int(result[k].sum()) * unit[k] for k in result)
+    if len({unit[k] for k in free}) == 1 and all(cap[k] == units[k].numel() for k in free):
+        flat = torch.cat([units[k].float() for k in free])
+        chosen = smallest(flat, max(round(budget / unit[free[0]]), sum(already[k] for k in free)))
+        result.update(zip(free, chosen.split([units[k].numel() for k in free]), strict=True))
     else:
-        counts = {k: min(cap[k], round((1.0 - fixed[k]) * numel[k] / unit[k])) for k in fixed}
-        free = [k for k in shapes if k not in fixed]
-        budget = total_remove - sum(counts[k] * unit[k] for k in counts)
-        counts.update(
-            _global_counts({k: units[k] for k in free}, {k: unit[k] for k in free}, {k: cap[k] for k in free}, budget)
+        counts = _global_counts(
+            {k: units[k] for k in free}, {k: unit[k] for k in free}, {k: cap[k] for k in free}, budget
         )
-    result = {}
-    for k, u in units.items():
-        n = max(counts[k], already[k])
-        order = u.argsort(stable=True)[:n]
-        result[k] = torch.zeros(u.numel(), dtype=torch.bool, device=u.device).scatter_(0, order, True)
+        result.update({k: smallest(units[k], max(counts[k], already[k])) for k in free})
     return result
+
+
+def smallest(values: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties at the threshold go to the lower index.
+
+    A selection in O(n) (``kthvalue``) rather than a full sort, so a pruning event on millions of weights stays cheap.
+    """
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    threshold = values.kthvalue(k).values
+    chosen = values < threshold
+    ties = (values == threshold).nonzero().squeeze(1)[: k - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen
 
 
 def _global_counts(
