@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,10 +41,14 @@ def run(config: dict) -> dict:
     targets = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
     total = sum(m.weight.numel() for m, _ in targets)
     callbacks = []
-    if config["method"] == "gmp":
+    if config["method"].startswith("gmp"):
         callbacks.append(
             GradualMagnitudePruning(
-                sparsity=sparsity, start=f"{start_ep}ep", end=f"{end_ep}ep", every=40, distribution="global",
+                sparsity=sparsity,
+                start=f"{start_ep}ep",
+                end=f"{end_ep}ep",
+                every=40,
+                distribution=config["method"].split("-")[1],
                 log_sparsity=False,
             )
         )
@@ -59,13 +62,24 @@ def run(config: dict) -> dict:
 
         callbacks.append(
             ModelPruning(
-                "l1_unstructured", parameters_to_prune=targets, amount=amount, use_global_unstructured=True,
-                make_pruning_permanent=True, verbose=0,
+                "l1_unstructured",
+                parameters_to_prune=targets,
+                amount=amount,
+                use_global_unstructured=True,
+                make_pruning_permanent=True,
+                verbose=0,
             )
         )
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, check_val_every_n_epoch=10**6, callbacks=callbacks,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=10**6,
+        callbacks=callbacks,
     )
     data = MNIST1DDataModule(batch_size=100, val_fraction=0.0)
     began = time.perf_counter()
@@ -76,72 +90,122 @@ def run(config: dict) -> dict:
     return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds}
 
 
-def configs(seeds: int, quick: bool) -> list[dict]:
+METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform")
+SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
+
+
+def configs(seeds: int, quick: bool, methods: list[str], channels: list[int], levels: list[float] | None) -> list[dict]:
     out = []
-    for channels, epochs, levels, mp_levels in [(25, 200, [0.8, 0.9, 0.95], [0.8, 0.9, 0.95]),
-                                                (128, 100, [0.8, 0.9, 0.95, 0.98], [0.8, 0.9, 0.95])]:
-        if quick:
-            epochs = 10
+    for width in channels:
+        epochs, width_levels = SETTINGS[width]
+        epochs = 10 if quick else epochs
         for seed in range(seeds):
-            out.append({"channels": channels, "epochs": epochs, "method": "dense", "sparsity": 0.0, "seed": seed})
-            out += [{"channels": channels, "epochs": epochs, "method": "modelpruning", "sparsity": s, "seed": seed}
-                    for s in mp_levels]
-            out += [{"channels": channels, "epochs": epochs, "method": "gmp", "sparsity": s, "seed": seed} for s in levels]
+            for method in methods:
+                if method == "dense":
+                    out.append({"channels": width, "epochs": epochs, "method": method, "sparsity": 0.0, "seed": seed})
+                    continue
+                for level in levels or width_levels:
+                    if method == "modelpruning" and level > 0.95:
+                        continue
+                    out.append({"channels": width, "epochs": epochs, "method": method, "sparsity": level, "seed": seed})
     return out
+
+
+def key(row: dict) -> tuple:
+    return (int(row["channels"]), row["method"], float(row["sparsity"]), int(row["seed"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="10 epochs, to check the script")
+    parser.add_argument("--methods", nargs="+", default=["dense", "modelpruning", "gmp-global"], choices=METHODS)
+    parser.add_argument("--channels", nargs="+", type=int, default=[25, 128], choices=sorted(SETTINGS))
+    parser.add_argument("--levels", nargs="+", type=float, default=None, help="sparsities (default: per width)")
+    parser.add_argument("--quick", action="store_true", help="10 epochs, to check the script; writes nothing")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    todo = configs(args.seeds, args.quick)
-    RESULTS.mkdir(exist_ok=True)
-    out_csv = RESULTS / ("accuracy_mnist1d_quick.csv" if args.quick else "accuracy_mnist1d.csv")
+    todo = configs(args.seeds, args.quick, args.methods, args.channels, args.levels)
     rows = []
     with ProcessPoolExecutor(args.workers) as pool:
         for i, result in enumerate(pool.map(run, todo), 1):
             rows.append(result)
-            print(f"[{i}/{len(todo)}] {result['method']} c={result['channels']} s={result['sparsity']} "
-                  f"seed={result['seed']}: acc {result['test_acc']:.1f}, sparsity {result['achieved']:.4f}, "
-                  f"{result['seconds']:.0f}s", flush=True)
+            print(
+                f"[{i}/{len(todo)}] {result['method']} c={result['channels']} s={result['sparsity']} "
+                f"seed={result['seed']}: acc {result['test_acc']:.1f}, sparsity {result['achieved']:.4f}, "
+                f"{result['seconds']:.0f}s",
+                flush=True,
+            )
+    if args.quick:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    out_csv = RESULTS / "accuracy_mnist1d.csv"
+    merged = {}
+    if out_csv.exists():
+        with out_csv.open() as f:
+            merged = {key(r): r for r in csv.DictReader(f)}
+    merged.update({key(r): r for r in rows})
+    fields = ["channels", "epochs", "method", "sparsity", "seed", "test_acc", "achieved", "seconds"]
     with out_csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
-    if not args.quick:
-        write_report(rows, args.seeds)
+        writer.writerows(sorted(merged.values(), key=key))
+    write_report(out_csv)
 
 
-def write_report(rows: list[dict], seeds: int) -> None:
+LABELS = {
+    "modelpruning": "Lightning `ModelPruning` (global L1)",
+    "gmp-global": "`GradualMagnitudePruning`, global",
+    "gmp-erk": "`GradualMagnitudePruning`, ERK",
+    "gmp-uniform": "`GradualMagnitudePruning`, uniform",
+}
+
+
+def write_report(path: Path) -> None:
     from _report import mean_spread, table, write_section
 
+    with path.open() as f:
+        rows = [
+            {
+                **r,
+                "method": "gmp-global" if r["method"] == "gmp" else r["method"],
+                "channels": int(r["channels"]),
+                "sparsity": float(r["sparsity"]),
+                "test_acc": float(r["test_acc"]),
+                "achieved": float(r["achieved"]),
+            }
+            for r in csv.DictReader(f)
+        ]
+    seeds = len({r["seed"] for r in rows})
     body = [
         "## Accuracy on MNIST-1D",
         "",
-        f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds}` (1 torch thread a run; raw rows in "
-        "`benchmarks/results/accuracy_mnist1d.csv`). Test accuracy in %, mean ± standard deviation over "
-        f"{seeds} seeds; the sparsity is the fraction of exact zeros over all conv/linear weights that each run "
-        "really reached (mean). Both methods rank globally by magnitude over the same window with a cubic target.",
+        f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global` and "
+        "`... --methods gmp-erk gmp-uniform --channels 25 --levels 0.9 0.95` (1 torch thread a run; raw rows in "
+        "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "
+        "deviation over seeds (n = number of seeds); the sparsity is the fraction of exact zeros over all conv/linear "
+        "weights that each run really reached (mean). All pruning runs use the same window (10% to 60% of training) "
+        "and a cubic target; `ModelPruning` prunes at epoch ends with whole-number amounts that follow that target.",
     ]
     for channels in sorted({r["channels"] for r in rows}):
         sub = [r for r in rows if r["channels"] == channels]
         epochs = sub[0]["epochs"]
         dense = [r["test_acc"] for r in sub if r["method"] == "dense"]
-        table_rows = [["dense", "0", mean_spread(dense), "-"]]
+        table_rows = [["dense", "0", mean_spread(dense), str(len(dense)), "-"]]
         for level in sorted({r["sparsity"] for r in sub if r["method"] != "dense"}):
-            for method, label in (("modelpruning", "Lightning `ModelPruning`"), ("gmp", "`GradualMagnitudePruning`")):
+            for method, label in LABELS.items():
                 runs = [r for r in sub if r["method"] == method and r["sparsity"] == level]
                 if runs:
                     achieved = sum(r["achieved"] for r in runs) / len(runs)
-                    table_rows.append(
-                        [label, f"{level:.0%}", mean_spread([r["test_acc"] for r in runs]), f"{achieved:.4f}"]
-                    )
+                    accs = [r["test_acc"] for r in runs]
+                    table_rows.append([label, f"{level:.0%}", mean_spread(accs), str(len(runs)), f"{achieved:.4f}"])
         name = "paper CNN (25 channels)" if channels == 25 else f"wide CNN ({channels} channels)"
-        body += ["", f"### {name}, {epochs} epochs", "",
-                 table(["method", "target", "test accuracy", "achieved sparsity"], table_rows)]
+        body += [
+            "",
+            f"### {name}, {epochs} epochs",
+            "",
+            table(["method", "target", "test accuracy", "n", "achieved sparsity"], table_rows),
+        ]
     write_section("accuracy", "\n".join(body))
 
 

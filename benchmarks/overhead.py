@@ -105,13 +105,23 @@ def run_variant(model_name: str, variant: str, steps: int, warmup: int) -> dict:
     elif variant == "ModelPruning":
         callbacks.append(
             TimedModelPruning(
-                "l1_unstructured", parameters_to_prune=targets, amount=lambda epoch: 0.9 if epoch == 0 else 0,
-                use_global_unstructured=True, verbose=0,
+                "l1_unstructured",
+                parameters_to_prune=targets,
+                amount=lambda epoch: 0.9 if epoch == 0 else 0,
+                use_global_unstructured=True,
+                verbose=0,
             )
         )
     trainer = pl.Trainer(
-        max_steps=warmup + 1 + steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+        max_steps=warmup + 1 + steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, loader)
     return {
@@ -159,8 +169,14 @@ def main() -> None:
             "variant; the step time is the median over rounds of each run's median step; 90% sparsity).",
             "",
             table(
-                ["model", "variant", "median step (ms)", "ratio to dense", "extra memory / masked weight bytes",
-                 "one pruning event (ms)"],
+                [
+                    "model",
+                    "variant",
+                    "median step (ms)",
+                    "ratio to dense",
+                    "extra memory / masked weight bytes",
+                    "one pruning event (ms)",
+                ],
                 rows,
             ),
         ]

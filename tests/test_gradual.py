@@ -47,8 +47,14 @@ OPTIMIZERS = [
 @pytest.mark.parametrize(("optimizer", "kwargs"), OPTIMIZERS, ids=[o for o, _ in OPTIMIZERS])
 @pytest.mark.parametrize(
     "trainer_kwargs",
-    [{}, {"accumulate_grad_batches": 4}, {"gradient_clip_val": 0.5}, {"precision": "bf16-mixed"}],
-    ids=["plain", "accumulate4", "clip", "bf16-mixed"],
+    [
+        {},
+        {"accumulate_grad_batches": 4},
+        {"gradient_clip_val": 0.5},
+        {"precision": "bf16-mixed"},
+        {"precision": "bf16-true"},
+    ],
+    ids=["plain", "accumulate4", "clip", "bf16-mixed", "bf16-true"],
 )
 def test_masked_weights_exactly_zero_after_every_step(optimizer, kwargs, trainer_kwargs):
     torch.manual_seed(0)
@@ -109,6 +115,18 @@ def test_setup_is_idempotent(model, loader):
     pruning.setup(trainer, model, "fit")
     assert all(torch.equal(before[n], m) for n, m in masks_of(model).items())
     assert len(MaskSet.of(model)) == 3
+
+
+def test_constant_mask_fine_tunes_after_gradual_pruning(model, loader):
+    pl.Trainer(max_epochs=1, callbacks=[GradualMagnitudePruning(sparsity=0.7, end=6, every=2)], **QUIET).fit(
+        model, loader
+    )
+    pruned = {n: m.clone() for n, m in masks_of(model).items()}
+    pl.Trainer(max_epochs=2, callbacks=[ConstantMask()], **QUIET).fit(model, loader)
+    params = dict(model.named_parameters())
+    for name, mask in pruned.items():
+        assert torch.equal(masks_of(model)[name], mask)
+        assert (params[name][~mask] == 0).all() and params[name].dtype == torch.float32
 
 
 def test_constant_mask_keeps_existing_zeros(model, loader):

@@ -61,3 +61,22 @@ def test_mask_set_applies_to_weights_grads_and_optimizer_state(model):
     assert (w[mask] != 0).all()
     state = mask_set.state_dict()
     assert torch.equal(state["fc2.weight"], mask)
+
+
+def test_masked_module_pickles_and_deep_copies(model):
+    import copy
+    import io
+
+    params = dict(model.named_parameters())
+    MaskSet.of(model).add("fc1.weight", params["fc1.weight"], params["fc1.weight"] > 0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    clone = copy.deepcopy(model)
+    for other in (loaded, clone):
+        assert torch.equal(masks_of(other)["fc1.weight"], masks_of(model)["fc1.weight"])
+        assert MaskSet.of(other) is not MaskSet.of(model)
+        other_params = dict(other.named_parameters())
+        MaskSet.of(other).update("fc1.weight", torch.zeros_like(other_params["fc1.weight"], dtype=torch.bool))
+        assert masks_of(other)["fc1.weight"].sum() == 0 and masks_of(model)["fc1.weight"].sum() > 0

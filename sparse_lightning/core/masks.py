@@ -2,14 +2,14 @@
 
 The set is attached to the module it was made for; each masked ``nn.Parameter`` also points back at it, so
 :func:`masks_of` answers for that module and for any of its submodules, under the names their own
-``named_parameters()`` use. Parameters are looked up by name at every use, never cached, so wrappers that replace
+``named_parameters()`` use. The references are plain ones (no weakrefs), so a module with masks can be pickled,
+deep-copied (an EMA copy gets its own mask set) and sent to spawned processes. Parameters are looked up by name at every use, never cached, so wrappers that replace
 parameter objects (or move them between devices) see the current ones. A mask is moved to its parameter's device
 the first time it is applied there.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -54,7 +54,7 @@ class MaskSet:
                 mask = torch.ones_like(param, dtype=torch.bool)
             self._check(name, param, mask)
             self._masks[name] = mask.to(device=param.device, dtype=torch.bool).clone()
-        param.__dict__[_REF_ATTR] = (weakref.ref(self), name)
+        param.__dict__[_REF_ATTR] = (self, name)
         return self._masks[name]
 
     def remove(self, name: str, param: Tensor | None = None) -> None:
@@ -175,14 +175,14 @@ class MaskSet:
 def masks_of(module: nn.Module) -> dict[str, Tensor]:
     """``{parameter name: bool mask}`` (True = kept) for every masked parameter of ``module``.
 
-    Names are those of ``module.named_parameters()``; the tensors are the live masks (do not modify them).
+    Names are those of ``module.named_parameters()``; the tensors are the live masks (do not modify them). A
+    ``copy.deepcopy`` of a masked module (for example an EMA copy) carries its own copy of the mask set.
     """
+    own = module.__dict__.get(_SET_ATTR)
     result = {}
     for name, param in module.named_parameters():
-        ref = param.__dict__.get(_REF_ATTR)
-        if ref is None:
-            continue
-        mask_set, key = ref[0](), ref[1]
-        if mask_set is not None and key in mask_set:
-            result[name] = mask_set.mask_for(key, param)
+        if own is not None and name in own:
+            result[name] = own.mask_for(name, param)
+        elif (ref := param.__dict__.get(_REF_ATTR)) is not None and ref[1] in ref[0]:
+            result[name] = ref[0].mask_for(ref[1], param)
     return result
