@@ -3,9 +3,9 @@
 The set is attached to the module it was made for; each masked ``nn.Parameter`` also points back at it, so
 :func:`masks_of` answers for that module and for any of its submodules, under the names their own
 ``named_parameters()`` use. The references are plain ones (no weakrefs), so a module with masks can be pickled,
-deep-copied (an EMA copy gets its own mask set) and sent to spawned processes. Parameters are looked up by name at every use, never cached, so wrappers that replace
-parameter objects (or move them between devices) see the current ones. A mask is moved to its parameter's device
-the first time it is applied there.
+deep-copied (an EMA copy gets its own mask set) and sent to spawned processes. Parameters are looked up by name at
+every use, never cached, so wrappers that replace parameter objects (or move them between devices) see the current
+ones. A mask is moved to its parameter's device the first time it is applied there.
 """
 
 from __future__ import annotations
