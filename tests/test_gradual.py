@@ -107,6 +107,18 @@ def test_biases_and_norms_untouched_and_same_instance_fits_twice(loader):
         assert global_sparsity(model) == pytest.approx(0.5, abs=1e-3)
 
 
+def test_two_instances_keep_separate_state_in_checkpoints(tmp_path, model, loader):
+    first = GradualMagnitudePruning(sparsity=0.5, end=6, every=2, include=["fc1.weight"], log_sparsity=False)
+    second = GradualMagnitudePruning(sparsity=0.8, end=6, every=2, include=["fc2.weight"], log_sparsity=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[first, second], **QUIET)
+    trainer.fit(model, loader)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
+    names = sorted(s["names"][0] for k, s in states.items() if k.startswith("GradualMagnitudePruning"))
+    assert names == ["fc1.weight", "fc2.weight"]
+    assert 1 - masks_of(model)["fc2.weight"].float().mean() == pytest.approx(0.8, abs=1e-2)
+
+
 def test_setup_is_idempotent(model, loader):
     pruning = GradualMagnitudePruning(sparsity=0.5, end=6, every=2, log_sparsity=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[pruning], **QUIET)

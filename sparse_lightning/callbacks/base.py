@@ -106,6 +106,11 @@ class SparsityCallback(pl.Callback):
     # --- plumbing ----------------------------------------------------------------------------------------------
 
     @property
+    def state_key(self) -> str:
+        """Distinguishes several instances of one method in a checkpoint by the parameters they select."""
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    @property
     def num_selected(self) -> int:
         if self._module is None:
             return 0
