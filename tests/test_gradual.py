@@ -73,6 +73,32 @@ def test_masked_weights_exactly_zero_after_every_step(optimizer, kwargs, trainer
                 assert torch.all(value[~mask] == 0), f"{key} of {name} kept state for pruned entries"
 
 
+class DriftingSGD(torch.optim.SGD):
+    """Moves every weight, zero or not: only re-masking after the step keeps pruned weights at zero."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+        return loss
+
+
+class DriftNet(TinyNet):
+    def configure_optimizers(self):
+        return DriftingSGD(self.parameters(), lr=0.01)
+
+
+def test_other_optimizers_are_re_masked_after_every_step(loader):
+    torch.manual_seed(0)
+    checker = ZeroChecker()
+    pruning = GradualMagnitudePruning(sparsity=0.6, start=2, end=10, every=2, log_sparsity=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[pruning, checker], **QUIET)
+    trainer.fit(DriftNet(), loader)
+    assert checker.checks >= trainer.global_step == 16  # a subclass calling super().step() runs the hooks twice
+
+
 def test_final_sparsity_is_exact_per_layer_with_uniform(model, loader):
     pruning = GradualMagnitudePruning(sparsity=0.75, end=10, every=3, log_sparsity=False)
     pl.Trainer(max_epochs=2, callbacks=[pruning], **QUIET).fit(model, loader)

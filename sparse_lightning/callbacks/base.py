@@ -43,6 +43,29 @@ def check_patterns(name: str, value: Sequence[str] | None) -> list[str] | None:
     return list(value)
 
 
+ZERO_PRESERVING_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
+    {
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.Adamax,
+        torch.optim.Adagrad,
+        torch.optim.Adadelta,
+        torch.optim.RMSprop,
+    }
+)
+"""Optimizers whose update of an entry with zero weight, zero gradient and zero state is exactly zero.
+
+For them the post-step re-masking is skipped: gradients of masked entries are zeroed before every step and their
+optimizer state at every mask change (and when training starts, so state restored from any checkpoint is clean),
+so the step leaves masked weights at exactly 0.0 by itself; the tests check it after every step. This saves one
+full pass over the masked weights per step (about 5% of a ResNet-18 step on one CPU thread). Any other optimizer
+(including subclasses of these, which may change ``step``) is re-masked after every step it really takes.
+"""
+
+
 class SparsityCallback(pl.Callback):
     """Base of every mask-producing callback.
 
@@ -157,7 +180,10 @@ class SparsityCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.resolve_schedule(trainer)
-        self.mask_set.apply_to_weights(self.params(), self.names)
+        params = self.params()
+        self.mask_set.apply_to_weights(params, self.names)
+        for optimizer in trainer.optimizers:  # state restored from a checkpoint (or a dense run) included
+            self.mask_set.apply_to_optimizer_state(optimizer, params, self.names)
         self._sync_ranks()
 
     def on_before_optimizer_step(
@@ -187,7 +213,8 @@ class SparsityCallback(pl.Callback):
         self.mask_set.check_agreement(self.names)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
-        self.mask_set.apply_to_weights(self.params(), self.names)
+        if type(optimizer) not in ZERO_PRESERVING_OPTIMIZERS:
+            self.mask_set.apply_to_weights(self.params(), self.names)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.log_sparsity and should_log(trainer):
