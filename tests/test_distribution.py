@@ -6,14 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparse_lightning.core.distribution import (
-    allocate_keep_counts,
     er_densities,
     erk_densities,
     layer_densities,
     pruned_units,
+    round_unit_counts,
     smallest,
 )
 from sparse_lightning.core.patterns import parse_pattern
+from sparse_lightning.core.schedules import sparsity_at
 
 SHAPES = {"a": torch.Size([20, 10]), "b": torch.Size([10, 10, 3, 3]), "c": torch.Size([4, 40])}
 
@@ -53,7 +54,7 @@ def test_unreachable_targets_raise():
 
 
 def test_largest_remainder_hits_total_exactly():
-    counts = allocate_keep_counts({"a": 2.5, "b": 3.5, "c": 1.0}, 7, dict.fromkeys("abc", 1), dict.fromkeys("abc", 10))
+    counts = round_unit_counts({"a": 2.5, "b": 3.5, "c": 1.0}, 7, dict.fromkeys("abc", 1), dict.fromkeys("abc", 10))
     assert sum(counts.values()) == 7
 
 
@@ -91,3 +92,38 @@ def test_smallest_equals_a_stable_sort(values, fraction):
     expected = torch.zeros(len(values), dtype=torch.bool)
     expected[tensor.argsort(stable=True)[:k]] = True
     assert torch.equal(smallest(tensor, k), expected)
+
+
+def test_rounding_respects_units_already_pruned():
+    # a layer that already lost 3 units keeps them; the others give up the difference
+    counts = round_unit_counts(
+        {"a": 2.4, "b": 2.4, "c": 2.2}, 7, dict.fromkeys("abc", 1), dict.fromkeys("abc", 9), {"a": 3, "b": 0, "c": 0}
+    )
+    assert counts["a"] == 3 and sum(counts.values()) == 7
+
+
+CNN = {
+    "c1": torch.Size([25, 1, 5]),
+    "c2": torch.Size([25, 25, 3]),
+    "c3": torch.Size([25, 25, 3]),
+    "fc": torch.Size([10, 125]),
+}
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "er", "erk"])
+@pytest.mark.parametrize("final", [0.8, 0.9, 0.95])
+def test_a_gradual_schedule_ends_on_the_exact_count(distribution, final):
+    """Every event of a cubic schedule on the MNIST-1D CNN hits round(s * N) exactly, pruned units staying pruned."""
+    torch.manual_seed(0)
+    masks = {k: torch.ones(s, dtype=torch.bool) for k, s in CNN.items()}
+    total = sum(m.numel() for m in masks.values())
+    pattern = parse_pattern("unstructured")
+    for step in range(0, 101, 1):
+        sparsity = sparsity_at(step, 0, 100, 0.0, final, "cubic")
+        scores = {k: torch.randn(s).abs().masked_fill(~masks[k], -math.inf) for k, s in CNN.items()}
+        pruned = pruned_units(scores, pattern, sparsity, distribution)
+        for k in masks:
+            new = ~pruned[k].view(CNN[k])
+            assert not (new & ~masks[k]).any()
+            masks[k] = new
+        assert sum(int((~m).sum()) for m in masks.values()) == round(sparsity * total), step

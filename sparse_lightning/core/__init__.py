@@ -3,7 +3,7 @@
 Nothing in this package imports Lightning; callbacks in :mod:`sparse_lightning.callbacks` decide *when*.
 """
 
-from sparse_lightning.core.distribution import DISTRIBUTIONS, allocate_keep_counts, er_densities, erk_densities
+from sparse_lightning.core.distribution import DISTRIBUTIONS, er_densities, erk_densities, round_unit_counts
 from sparse_lightning.core.masks import MaskSet, masks_of
 from sparse_lightning.core.patterns import Pattern, parse_pattern
 from sparse_lightning.core.schedules import CURVES, TimeSpec, parse_time, sparsity_at
@@ -15,7 +15,7 @@ __all__ = [
     "MaskSet",
     "Pattern",
     "TimeSpec",
-    "allocate_keep_counts",
+    "round_unit_counts",
     "default_targets",
     "er_densities",
     "erk_densities",

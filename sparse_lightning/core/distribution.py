@@ -114,22 +114,30 @@ def er_densities(shapes: Mapping[str, torch.Size], sparsity: float) -> dict[str,
     return layer_densities(shapes, sparsity, "er")
 
 
-def allocate_keep_counts(
-    ideal: Mapping[str, float], total: int, unit: Mapping[str, int], cap: Mapping[str, int]
+def round_unit_counts(
+    ideal: Mapping[str, float],
+    total: int,
+    unit: Mapping[str, int],
+    cap: Mapping[str, int],
+    floor: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """Round ``ideal`` unit counts so that sum(count * unit) comes as close to ``total`` as units allow.
+    """Round ``ideal`` pruned-unit counts so that sum(count * unit) comes as close to ``total`` as units allow.
 
-    Largest-remainder rounding: floors first, then one more unit to the layers with the largest fractional parts.
-    ``cap`` bounds each count.
+    Largest-remainder rounding within ``floor <= count <= cap`` (``floor``: units already pruned, which stay
+    pruned): floors first, then one more unit to the layers with the largest fractional parts, or one fewer from
+    those with the smallest when the floors already overshoot.
     """
-    counts = {k: min(cap[k], math.floor(v)) for k, v in ideal.items()}
+    floor = floor or dict.fromkeys(ideal, 0)
+    counts = {k: min(cap[k], max(floor[k], math.floor(v))) for k, v in ideal.items()}
     deficit = total - sum(counts[k] * unit[k] for k in counts)
-    for k in sorted(ideal, key=lambda k: ideal[k] - math.floor(ideal[k]), reverse=True):
-        if deficit * 2 < unit[k]:
-            continue
-        if counts[k] < cap[k]:
+    by_fraction = sorted(ideal, key=lambda k: ideal[k] - math.floor(ideal[k]), reverse=True)
+    for k in by_fraction if deficit > 0 else reversed(by_fraction):
+        if deficit > 0 and deficit * 2 >= unit[k] and counts[k] < cap[k]:
             counts[k] += 1
             deficit -= unit[k]
+        elif deficit < 0 and -deficit * 2 >= unit[k] and counts[k] > floor[k]:
+            counts[k] -= 1
+            deficit += unit[k]
     return counts
 
 
@@ -162,8 +170,8 @@ def pruned_units(
     if distribution != "global":
         dens = layer_densities(shapes, sparsity, distribution, fixed, min_density, nm_floor)
         ideal = {k: (1.0 - dens[k]) * numel[k] / unit[k] for k in shapes}
-        counts = allocate_keep_counts(ideal, total_remove, unit, cap)
-        return {k: smallest(units[k], max(counts[k], already[k])) for k in units}
+        counts = round_unit_counts(ideal, total_remove, unit, cap, already)
+        return {k: smallest(units[k], counts[k]) for k in units}
     result = {
         k: smallest(units[k], max(min(cap[k], round((1.0 - fixed[k]) * numel[k] / unit[k])), already[k])) for k in fixed
     }
