@@ -7,9 +7,10 @@ rotates each round): dense; ``GradualMagnitudePruning`` at 90% (pruning events a
 held); Lightning's ``ModelPruning`` at 90% (global L1, applied at the end of epoch 0). One epoch is ``--warmup``
 batches; only steps of later epochs are timed, from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
 backward, optimizer step and every hook). Models: the MNIST-1D paper's CNN (batch 100) and torchvision's ResNet-18
-on generated 32x32 images (batch 32). Extra memory counts the bytes of every distinct tensor the module holds
-(parameters, buffers, tensors set as attributes, masks) against the dense model, over the bytes of the masked
-weights.
+on generated 32x32 images (batch 32 and 128): the masks cost a fixed amount per step (one pass over the masked
+gradients), so their share shrinks as the batch grows. Extra memory counts the bytes of every distinct tensor the
+module holds (parameters, buffers, tensors set as attributes, masks) against the dense model, over the bytes of the
+masked weights.
 """
 
 from __future__ import annotations
@@ -81,14 +82,18 @@ def resident_bytes(module: nn.Module) -> int:
     return total
 
 
+MODELS = ("mnist1d-cnn-b100", "resnet18-32px-b32", "resnet18-32px-b128")
+
+
 def build(model_name: str):
-    if model_name == "mnist1d-cnn":
+    batch = int(model_name.rsplit("-b", 1)[1])
+    if model_name.startswith("mnist1d-cnn"):
         model = MNIST1DCNN()
-        x, y = torch.randn(100 * 8, 40), torch.randint(0, 10, (100 * 8,))
-        return model, x, y, 100
+        x, y = torch.randn(batch * 8, 40), torch.randint(0, 10, (batch * 8,))
+        return model, x, y, batch
     model = torchvision_classifier("resnet18", num_classes=10)
-    x, y = torch.randn(32 * 8, 3, 32, 32), torch.randint(0, 10, (32 * 8,))
-    return model, x, y, 32
+    x, y = torch.randn(batch * 8, 3, 32, 32), torch.randint(0, 10, (batch * 8,))
+    return model, x, y, batch
 
 
 def run_variant(model_name: str, variant: str, steps: int, warmup: int) -> dict:
@@ -137,7 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--models", nargs="+", default=["mnist1d-cnn", "resnet18-32px"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -162,7 +167,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     body = "\n".join(
         [
-            "## Overhead: step time, memory, pruning events",
+            f"## Overhead with {args.threads} torch thread(s): step time, memory, pruning events",
             "",
             f"`python benchmarks/overhead.py --rounds {args.rounds} --steps {args.steps} --threads {args.threads}` "
             f"({args.threads} torch thread(s); {args.rounds} interleaved rounds of {args.steps} timed steps per "
@@ -183,7 +188,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section("overhead", body)
+        write_section(f"overhead-{args.threads}-threads", body)
 
 
 if __name__ == "__main__":
