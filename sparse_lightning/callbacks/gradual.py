@@ -189,14 +189,6 @@ class ConstantMask(SparsityCallback):
         log_sparsity: log through the shared helper.
     """
 
-    def __init__(
-        self,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        log_sparsity: bool = True,
-    ) -> None:
-        super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
-
     @property
     def current_target(self) -> float | None:
         return self.mask_set.sparsity(self.names) if self._module is not None and self.names else None
