@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from sparse_lightning.callbacks.monitor import log_sparsity, log_wandb_details, should_log
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
 from sparse_lightning.core.masks import MaskSet
 from sparse_lightning.core.patterns import Pattern
 from sparse_lightning.core.schedules import TimeSpec
@@ -29,9 +30,9 @@ from sparse_lightning.core.targets import match_name, select_parameters
 def check_fraction(name: str, value: float, high_inclusive: bool = False) -> float:
     """``value`` in [0, 1) (or [0, 1]); ``ValueError`` naming the argument otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"`{name}` must be a number in [0, 1{']' if high_inclusive else ')'}, got {value!r}.")
+        raise ConfigTypeError(f"`{name}` must be a number in [0, 1{']' if high_inclusive else ')'}, got {value!r}.")
     if not (0.0 <= value <= 1.0 if high_inclusive else 0.0 <= value < 1.0):
-        raise ValueError(f"`{name}` must lie in [0, 1{']' if high_inclusive else ')'}, got {value}.")
+        raise ConfigError(f"`{name}` must lie in [0, 1{']' if high_inclusive else ')'}, got {value}.")
     return float(value)
 
 
@@ -39,7 +40,9 @@ def check_patterns(name: str, value: Sequence[str] | None) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"`{name}` must be a list of parameter-name patterns (globs or 're:' regexes), got {value!r}.")
+        raise ConfigTypeError(
+            f"`{name}` must be a list of parameter-name patterns (globs or 're:' regexes), got {value!r}."
+        )
     return list(value)
 
 
@@ -88,7 +91,7 @@ class SparsityCallback(pl.Callback):
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
         if not isinstance(log_sparsity, bool):
-            raise TypeError(f"`log_sparsity` must be a bool, got {log_sparsity!r}.")
+            raise ConfigTypeError(f"`log_sparsity` must be a bool, got {log_sparsity!r}.")
         self.log_sparsity = log_sparsity
         self.names: list[str] = []
         self.last_update_step = -1
@@ -154,7 +157,7 @@ class SparsityCallback(pl.Callback):
         if stage != "fit":
             return
         if not isinstance(trainer.strategy, self.SUPPORTED_STRATEGIES):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} does not support the {type(trainer.strategy).__name__} strategy yet: masks "
                 "would not reach the sharded parameters. Use a single device or `strategy='ddp'`."
             )
@@ -254,7 +257,7 @@ class SparsityCallback(pl.Callback):
 
     def _load_now(self, state: Mapping[str, Any]) -> None:
         if list(state["names"]) != self.names:
-            raise ValueError(
+            raise ConfigError(
                 f"The checkpoint's {type(self).__name__} masks parameters {state['names']}, but this callback selects "
                 f"{self.names}. Use the same `include`/`exclude` as the run that saved it."
             )
@@ -273,11 +276,11 @@ def resolve_time(trainer: pl.Trainer, spec: TimeSpec, name: str) -> int:
     total = trainer.estimated_stepping_batches
     if spec.kind == "fraction":
         if not math.isfinite(total):
-            raise ValueError(f"`{name}`={spec.text} is a fraction of training, but training has no fixed length.")
+            raise ConfigError(f"`{name}`={spec.text} is a fraction of training, but training has no fixed length.")
         return int(round(spec.value * total))
     batches = trainer.num_training_batches
     if not math.isfinite(batches):
-        raise ValueError(f"`{name}`={spec.text!r} counts epochs, but the training dataloader has no length.")
+        raise ConfigError(f"`{name}`={spec.text!r} counts epochs, but the training dataloader has no length.")
     steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
     return int(round(spec.value * steps_per_epoch))
 
@@ -288,7 +291,9 @@ def select_overrides(names: Sequence[str], overrides: Mapping[str, float] | None
     for pattern, value in (overrides or {}).items():
         matched = [n for n in names if match_name(n, pattern)]
         if not matched:
-            raise ValueError(f"`overrides` pattern {pattern!r} matches no selected parameter. Selected: {list(names)}.")
+            raise ConfigError(
+                f"`overrides` pattern {pattern!r} matches no selected parameter. Selected: {list(names)}."
+            )
         for n in matched:
             result.setdefault(n, value)
     return result

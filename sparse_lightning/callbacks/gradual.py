@@ -18,6 +18,7 @@ from sparse_lightning.callbacks.base import (
     select_overrides,
 )
 from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
 from sparse_lightning.core.patterns import parse_pattern
 from sparse_lightning.core.schedules import TimeValue, check_curve, is_event, parse_time, sparsity_at
 
@@ -74,7 +75,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self.sparsity = check_fraction("sparsity", sparsity)
         self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
         if self.initial_sparsity > self.sparsity:
-            raise ValueError(
+            raise ConfigError(
                 f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}): pruned weights "
                 "never return."
             )
@@ -82,17 +83,17 @@ class GradualMagnitudePruning(SparsityCallback):
         self.end_spec = parse_time(end, "end")
         self.every_spec = parse_time(every, "every", allow_zero=False)
         if self.start_spec.kind == self.end_spec.kind and self.end_spec.value <= self.start_spec.value:
-            raise ValueError(f"`end` ({end!r}) must come after `start` ({start!r}).")
+            raise ConfigError(f"`end` ({end!r}) must come after `start` ({start!r}).")
         self.curve = check_curve(curve)
         self.distribution = check_distribution(distribution)
         self.pattern = parse_pattern(pattern)
         if self.sparsity > self.pattern.max_sparsity + 1e-12:
-            raise ValueError(
+            raise ConfigError(
                 f"`sparsity` {sparsity} is more than pattern {self.pattern} allows "
                 f"(at most {self.pattern.max_sparsity})."
             )
         if overrides is not None and not isinstance(overrides, Mapping):
-            raise TypeError(f"`overrides` must map parameter-name patterns to sparsities, got {overrides!r}.")
+            raise ConfigTypeError(f"`overrides` must map parameter-name patterns to sparsities, got {overrides!r}.")
         self.overrides = {str(k): check_fraction(f"overrides[{k!r}]", v) for k, v in (overrides or {}).items()}
         self.min_density = check_fraction("min_density", min_density)
         self.start_step = self.end_step = self.every_steps = None
@@ -113,7 +114,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self._layer_overrides = select_overrides(list(params), self.overrides)
         for name, value in self._layer_overrides.items():
             if value > self.pattern.max_sparsity + 1e-12:
-                raise ValueError(
+                raise ConfigError(
                     f"`overrides` give {name!r} sparsity {value}, more than pattern {self.pattern} allows."
                 )
         shapes = {n: p.shape for n, p in params.items()}
@@ -125,7 +126,7 @@ class GradualMagnitudePruning(SparsityCallback):
             total = sum(math.prod(s) for s in shapes.values())
             fixed_kept = sum((1 - s) * math.prod(shapes[n]) for n, s in self._layer_overrides.items())
             if fixed_kept > (1 - self.sparsity) * total + 0.5:
-                raise ValueError(
+                raise ConfigError(
                     f"`overrides` keep more weights than `sparsity` {self.sparsity} allows over the selected layers."
                 )
 
@@ -136,13 +137,13 @@ class GradualMagnitudePruning(SparsityCallback):
         every = max(1, resolve_time(trainer, self.every_spec, "every"))
         if math.isfinite(total) and end >= total:
             if end > total:
-                raise ValueError(
+                raise ConfigError(
                     f"`end`={self.end_spec.text} is optimizer step {end}, but training has only {int(total)} steps: "
                     "the target sparsity would never be reached."
                 )
             end = int(total) - 1
         if end <= start:
-            raise ValueError(
+            raise ConfigError(
                 f"`end`={self.end_spec.text} (step {end}) must come after "
                 f"`start`={self.start_spec.text} (step {start})."
             )

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
+from sparse_lightning.core.errors import ConfigTypeError
 from sparse_lightning.core.masks import MaskSet
 
 
@@ -122,7 +123,7 @@ class SparsityMonitor(pl.Callback):
     def __init__(self, prog_bar: bool = True, wandb_details: bool = True, histograms: bool = True) -> None:
         for name, value in (("prog_bar", prog_bar), ("wandb_details", wandb_details), ("histograms", histograms)):
             if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+                raise ConfigTypeError(f"`{name}` must be a bool, got {value!r}.")
         self.prog_bar = prog_bar
         self.wandb_details = wandb_details
         self.histograms = histograms

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from sparse_lightning.core.errors import ConfigError
 from sparse_lightning.core.patterns import Pattern
 
 DISTRIBUTIONS = ("uniform", "er", "erk", "global")
@@ -28,7 +29,7 @@ DISTRIBUTIONS = ("uniform", "er", "erk", "global")
 
 def check_distribution(distribution: str) -> str:
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"`distribution` must be one of {list(DISTRIBUTIONS)}, got {distribution!r}.")
+        raise ConfigError(f"`distribution` must be one of {list(DISTRIBUTIONS)}, got {distribution!r}.")
     return distribution
 
 
@@ -57,12 +58,12 @@ def _solve_densities(
     floor_total, ceil_total = total(0.0), sum(n * high[k] for k, n in numels.items())
     n_all = sum(numels.values())
     if kept < floor_total - 0.5:
-        raise ValueError(
+        raise ConfigError(
             f"`distribution` {distribution!r} can not reach sparsity {1 - kept / n_all:.4f}: the minimum "
             f"density and overrides already keep {floor_total / n_all:.4f} of the weights."
         )
     if kept > ceil_total + 0.5:
-        raise ValueError(
+        raise ConfigError(
             f"`distribution` {distribution!r} can not reach sparsity {1 - kept / n_all:.4f}: even with every "
             f"free layer dense only {ceil_total / n_all:.4f} of the weights are kept (check the overrides)."
         )
@@ -97,7 +98,7 @@ def layer_densities(
     elif distribution == "erk":
         factors = {k: erk_factor(s) for k, s in shapes.items()}
     else:
-        raise ValueError(f"`layer_densities` serves 'uniform', 'er' and 'erk', not {distribution!r}.")
+        raise ConfigError(f"`layer_densities` serves 'uniform', 'er' and 'erk', not {distribution!r}.")
     low = {k: fixed.get(k, max(min_density, (floor or {}).get(k, 0.0))) for k in shapes}
     high = {k: fixed.get(k, 1.0) for k in shapes}
     kept = (1.0 - sparsity) * sum(numels.values())
@@ -228,7 +229,7 @@ def _global_counts(
     removed = sizes[order].cumsum(0)
     take = int((removed <= budget + 0.5 * sizes[order]).sum())
     if take and torch.isinf(all_scores[order[take - 1]]) and all_scores[order[take - 1]] > 0:
-        raise ValueError("`distribution` 'global' can not reach the target sparsity within the per-layer limits.")
+        raise ConfigError("`distribution` 'global' can not reach the target sparsity within the per-layer limits.")
     chosen = all_layers[order[:take]]
     counts = torch.bincount(chosen, minlength=len(names)).tolist()
     return dict(zip(names, counts, strict=True))

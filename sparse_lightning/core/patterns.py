@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+
 PATTERN_FORMS = "'unstructured', 'channel', 'N:M' (e.g. '2:4', N < M) or 'block:RxC' (e.g. 'block:4x1')"
 
 
@@ -49,16 +51,16 @@ class Pattern:
         if self.kind == "unstructured":
             return
         if len(shape) < 2 and self.kind != "channel":
-            raise ValueError(f"Parameter {name!r} of shape {tuple(shape)} has no input dimension for pattern {self}.")
+            raise ConfigError(f"Parameter {name!r} of shape {tuple(shape)} has no input dimension for pattern {self}.")
         if self.kind == "nm" and shape[1] % self.m:
-            raise ValueError(
+            raise ConfigError(
                 f"Parameter {name!r} of shape {tuple(shape)} is too small for pattern {self}: its input dimension "
                 f"{shape[1]} is not a multiple of M={self.m}. Exclude it or choose another pattern."
             )
         if self.kind == "block":
             rows, cols = shape[0], math.prod(shape[1:])
             if rows % self.n or cols % self.m:
-                raise ValueError(
+                raise ConfigError(
                     f"Parameter {name!r} of shape {tuple(shape)} (viewed as {rows}x{cols}) does not divide into "
                     f"{self.n}x{self.m} blocks. Exclude it or choose another pattern."
                 )
@@ -141,20 +143,20 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     if isinstance(pattern, Pattern):
         return pattern
     if not isinstance(pattern, str):
-        raise TypeError(f"`pattern` must be a string, one of {PATTERN_FORMS}; got {pattern!r}.")
+        raise ConfigTypeError(f"`pattern` must be a string, one of {PATTERN_FORMS}; got {pattern!r}.")
     text = pattern.strip().lower()
     if text in ("unstructured", "channel"):
         return Pattern(text)
     if match := _NM.match(text):
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
-            raise ValueError(
+            raise ConfigError(
                 f"`pattern` {pattern!r} is not a valid N:M pattern: need 0 < N < M. Allowed: {PATTERN_FORMS}."
             )
         return Pattern("nm", n, m)
     if match := _BLOCK.match(text):
         r, c = int(match.group(1)), int(match.group(2))
         if r < 1 or c < 1 or r * c < 2:
-            raise ValueError(f"`pattern` {pattern!r} needs blocks of at least 2 elements. Allowed: {PATTERN_FORMS}.")
+            raise ConfigError(f"`pattern` {pattern!r} needs blocks of at least 2 elements. Allowed: {PATTERN_FORMS}.")
         return Pattern("block", r, c)
-    raise ValueError(f"Unknown `pattern` {pattern!r}. Allowed: {PATTERN_FORMS}.")
+    raise ConfigError(f"Unknown `pattern` {pattern!r}. Allowed: {PATTERN_FORMS}.")

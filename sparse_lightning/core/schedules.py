@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+
 TimeValue = int | float | str
 
 _EPOCHS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*ep\s*$")
@@ -50,25 +52,25 @@ def parse_time(value: TimeValue, name: str, allow_zero: bool = True) -> TimeSpec
     """Parse one time argument, raising ``ValueError`` that names the argument and the allowed forms."""
     allowed = "an int (optimizer steps), a float in (0, 1] (fraction of training) or a string like '3ep' (epochs)"
     if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be {allowed}, got {value!r}.")
+        raise ConfigTypeError(f"`{name}` must be {allowed}, got {value!r}.")
     if isinstance(value, int):
         if value < 0 or (value == 0 and not allow_zero):
             low = ">= 0" if allow_zero else ">= 1"
-            raise ValueError(f"`{name}` must be {low} when given in steps, got {value}.")
+            raise ConfigError(f"`{name}` must be {low} when given in steps, got {value}.")
         return TimeSpec("steps", float(value), str(value))
     if isinstance(value, float):
         if not 0.0 < value <= 1.0 and not (allow_zero and value == 0.0):
-            raise ValueError(f"`{name}` as a float is a fraction of training and must lie in (0, 1], got {value}.")
+            raise ConfigError(f"`{name}` as a float is a fraction of training and must lie in (0, 1], got {value}.")
         return TimeSpec("fraction", value, str(value))
     if isinstance(value, str):
         match = _EPOCHS.match(value)
         if match is None:
-            raise ValueError(f"`{name}` must be {allowed}; could not parse {value!r}.")
+            raise ConfigError(f"`{name}` must be {allowed}; could not parse {value!r}.")
         epochs = float(match.group(1))
         if epochs == 0 and not allow_zero:
-            raise ValueError(f"`{name}` must be more than 0 epochs, got {value!r}.")
+            raise ConfigError(f"`{name}` must be more than 0 epochs, got {value!r}.")
         return TimeSpec("epochs", epochs, value.strip())
-    raise TypeError(f"`{name}` must be {allowed}, got {value!r} of type {type(value).__name__}.")
+    raise ConfigTypeError(f"`{name}` must be {allowed}, got {value!r} of type {type(value).__name__}.")
 
 
 def _cubic(p: float, s_i: float, s_f: float) -> float:
@@ -102,7 +104,7 @@ CURVES: dict[str, Callable[[float, float, float], float]] = {
 
 def check_curve(curve: str) -> str:
     if curve not in CURVES:
-        raise ValueError(f"`curve` must be one of {sorted(CURVES)}, got {curve!r}.")
+        raise ConfigError(f"`curve` must be one of {sorted(CURVES)}, got {curve!r}.")
     return curve
 
 

@@ -15,17 +15,19 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+
 REGEX_PREFIX = "re:"
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"A parameter pattern must be a non-empty string, got {pattern!r}.")
+        raise ConfigError(f"A parameter pattern must be a non-empty string, got {pattern!r}.")
     if pattern.startswith(REGEX_PREFIX):
         try:
             return re.compile(pattern[len(REGEX_PREFIX) :])
         except re.error as err:
-            raise ValueError(f"Invalid regular expression in pattern {pattern!r}: {err}.") from None
+            raise ConfigError(f"Invalid regular expression in pattern {pattern!r}: {err}.") from None
     return re.compile(fnmatch.translate(pattern))
 
 
@@ -56,14 +58,14 @@ def select_parameters(
     """
     for arg_name, arg in (("include", include), ("exclude", exclude)):
         if arg is not None and (isinstance(arg, str) or not isinstance(arg, Sequence)):
-            raise TypeError(f"`{arg_name}` must be a list of name patterns, got {arg!r}.")
+            raise ConfigTypeError(f"`{arg_name}` must be a list of name patterns, got {arg!r}.")
     names = [name for name, _ in module.named_parameters()]
     if include:
         compiled = [(pattern, _compile(pattern)) for pattern in include]
         selected = []
         for pattern, regex in compiled:
             if not any(regex.fullmatch(name) for name in names):
-                raise ValueError(
+                raise ConfigError(
                     f"`include` pattern {pattern!r} selects no parameter. Parameters are named like {_examples(names)}."
                 )
         selected = [name for name in names if any(regex.fullmatch(name) for _, regex in compiled)]
@@ -72,12 +74,12 @@ def select_parameters(
     for pattern in exclude or ():
         regex = _compile(pattern)
         if not any(regex.fullmatch(name) for name in selected):
-            raise ValueError(
+            raise ConfigError(
                 f"`exclude` pattern {pattern!r} matches no selected parameter. Selected: {_examples(selected)}."
             )
         selected = [name for name in selected if not regex.fullmatch(name)]
     if not selected:
-        raise ValueError("No parameter is selected: `include`/`exclude` leave nothing to sparsify.")
+        raise ConfigError("No parameter is selected: `include`/`exclude` leave nothing to sparsify.")
     return selected
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
+from sparse_lightning.core.errors import ConfigError
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SPARSE_LIGHTNING_CACHE", Path.home() / ".cache" / "sparse_lightning"))
@@ -75,11 +77,11 @@ class MNIST1DDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+            raise ConfigError(f"`batch_size` must be a positive int, got {batch_size!r}.")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must lie in [0, 1), got {val_fraction!r}.")
+            raise ConfigError(f"`val_fraction` must lie in [0, 1), got {val_fraction!r}.")
         if not isinstance(num_samples, int) or num_samples < 10:
-            raise ValueError(f"`num_samples` must be an int >= 10, got {num_samples!r}.")
+            raise ConfigError(f"`num_samples` must be an int >= 10, got {num_samples!r}.")
         self.save_hyperparameters()
         self.batch_size, self.val_fraction, self.num_samples = batch_size, val_fraction, num_samples
         self.seed, self.data_dir, self.num_workers = seed, data_dir, num_workers

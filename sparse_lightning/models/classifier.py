@@ -9,6 +9,8 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from sparse_lightning.core.errors import ConfigError
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -33,9 +35,9 @@ class LitClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
+            raise ConfigError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
         if lr <= 0:
-            raise ValueError(f"`lr` must be positive, got {lr}.")
+            raise ConfigError(f"`lr` must be positive, got {lr}.")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
@@ -99,7 +101,7 @@ def torchvision_net(arch: str, num_classes: int = 10, **kwargs: Any) -> nn.Modul
 
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
-        raise ValueError(f"Unknown torchvision classification model {arch!r}. Available: {sorted(available)}.")
+        raise ConfigError(f"Unknown torchvision classification model {arch!r}. Available: {sorted(available)}.")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from sparse_lightning.core.errors import ConfigError
 from sparse_lightning.models.classifier import LitClassifier
 
 
@@ -50,7 +51,7 @@ class MNIST1DCNN(LitClassifier):
         self, channels: int = 25, lr: float = 1e-2, weight_decay: float = 0.0, optimizer: str = "adam"
     ) -> None:
         if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"`channels` must be a positive int, got {channels!r}.")
+            raise ConfigError(f"`channels` must be a positive int, got {channels!r}.")
         super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer)
         self.save_hyperparameters()
 
@@ -60,7 +61,7 @@ class MNIST1DMLP(LitClassifier):
 
     def __init__(self, hidden: int = 100, lr: float = 1e-2, weight_decay: float = 0.0, optimizer: str = "adam") -> None:
         if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"`hidden` must be a positive int, got {hidden!r}.")
+            raise ConfigError(f"`hidden` must be a positive int, got {hidden!r}.")
         super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer)
         self.save_hyperparameters()
 
