@@ -1,28 +1,210 @@
 """The ``sparse-lightning`` command.
 
-This version only reports its version: ``fit --recipe``, ``recipes`` and ``bench`` arrive with the recipe issue.
-The built-in task runs with ``python examples/gradual_magnitude_mnist1d.py`` until then.
+    sparse-lightning fit --recipe recipes/gmp-90-global.yaml [--var sparsity=0.95] [any LightningCLI flag]
+    sparse-lightning validate|test --recipe FILE --ckpt_path CKPT
+    sparse-lightning recipes list | show NAME | validate FILE [--model CLASS_PATH]
+
+``fit``/``validate``/``test`` run on ``LightningCLI``, so every Trainer, model and data flag works; the recipe gives
+the callbacks and the default model, data and Trainer settings, which flags override. The run logs to Weights &
+Biases unless ``--trainer.logger`` says otherwise (offline when no W&B login is found). A user error prints one line
+and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sparse_lightning.core.errors import ConfigError
+
+TRAIN_COMMANDS = ("fit", "validate", "test")
+
+
+def _fail(message: str) -> int:
+    print(f"sparse-lightning: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parse_vars(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--var takes NAME=VALUE, got {item!r}.")
+        out[name] = yaml.safe_load(value)
+    return out
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def default_logger(run_name: str) -> dict[str, Any]:
+    """W&B: online when logged in, otherwise offline with a hint about ``wandb sync``."""
+    offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_logged_in()
+    if offline and os.environ.get("WANDB_MODE") != "disabled":
+        print(
+            "W&B: no login found, logging offline under ./wandb; upload later with `wandb sync wandb/offline-run-*`.",
+            file=sys.stderr,
+        )
+    init_args = {"project": "sparse-lightning", "name": run_name, "offline": offline, "save_dir": "."}
+    return {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": init_args}
+
+
+def run_training(command: str, argv: Sequence[str]) -> int:
+    pre = argparse.ArgumentParser(prog=f"sparse-lightning {command}", add_help=False)
+    pre.add_argument("--recipe", required=True)
+    pre.add_argument("--var", action="append", default=[])
+    known, rest = pre.parse_known_args(argv)
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import WandbLogger
+
+    from sparse_lightning.recipes import load
+
+    loaded = load(known.recipe, **_parse_vars(known.var))
+    recipe = loaded.recipe
+    args = [command]
+    flags = {a.split("=")[0] for a in rest}
+    if recipe.model is not None and "--model" not in flags:
+        args += ["--model", json.dumps(recipe.model.model_dump())]
+    if recipe.data is not None and "--data" not in flags:
+        args += ["--data", json.dumps(recipe.data.model_dump())]
+    args += list(rest)
+    trainer_defaults = {**recipe.trainer, "callbacks": loaded.callbacks}
+    if "--trainer.logger" not in flags:
+        trainer_defaults["logger"] = default_logger(recipe.name)
+
+    class RecipeCLI(LightningCLI):
+        def _log_recipe(self) -> None:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.config.update({"recipe": loaded.resolved}, allow_val_change=True)
+                else:
+                    logger.log_hyperparams({"recipe": json.dumps(loaded.resolved)})
+
+        before_fit = before_validate = before_test = _log_recipe
+
+    RecipeCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        trainer_defaults=trainer_defaults,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+def recipes_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sparse-lightning recipes", description="Inspect recipes.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="the shipped recipes")
+    show = sub.add_parser("show", help="print a recipe")
+    show.add_argument("name")
+    check = sub.add_parser("validate", help="check a recipe against a model without training")
+    check.add_argument("file")
+    check.add_argument("--model", help="class path of a LightningModule (default: the recipe's model)")
+    check.add_argument("--var", action="append", default=[])
+    check.add_argument("--total-steps", type=int, default=1000, help="steps of the run to show the schedule for")
+    check.add_argument("--steps-per-epoch", type=int, default=100)
+    args = parser.parse_args(argv)
+    from sparse_lightning.recipes import find_recipe, load, shipped_recipes
+
+    if args.action == "list":
+        rows = []
+        for path in shipped_recipes():
+            r = load(path).recipe
+            methods = ", ".join(m.method for s in r.stages for m in s.methods)
+            targets = [m.args.get("sparsity") for s in r.stages for m in s.methods if "sparsity" in m.args]
+            rows.append((r.name, methods, f"{targets[-1]:.0%}" if targets else "-", r.description))
+        width = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in [("name", "method", "target", "description"), *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(row[:3], width, strict=True)) + "  " + row[3])
+        return 0
+    if args.action == "show":
+        print(find_recipe(args.name).read_text(), end="")
+        return 0
+    return validate_recipe(args.file, args.model, _parse_vars(args.var), args.total_steps, args.steps_per_epoch)
+
+
+def validate_recipe(file: str, model_path: str | None, variables: dict, total_steps: int, steps_per_epoch: int) -> int:
+    """Print which parameters each method selects and its target per step, without training."""
+    import importlib
+
+    from sparse_lightning.callbacks.base import SparsityCallback
+    from sparse_lightning.core.schedules import sparsity_at
+    from sparse_lightning.core.targets import select_parameters
+    from sparse_lightning.recipes import load
+
+    loaded = load(file, **variables)
+    spec = {"class_path": model_path, "init_args": {}} if model_path else loaded.recipe.model
+    if spec is None:
+        raise ConfigError(f"{file}: the recipe names no model; pass --model CLASS_PATH.")
+    spec = spec if isinstance(spec, dict) else spec.model_dump()
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    try:
+        model = getattr(importlib.import_module(module_name), class_name)(**spec["init_args"])
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"--model {spec['class_path']!r} can not be built: {err}") from None
+    print(f"{loaded.path}: {loaded.recipe.name} ({len(loaded.callbacks)} method(s)) on {spec['class_path']}")
+    params = dict(model.named_parameters())
+    for i, callback in enumerate(loaded.callbacks):
+        if not isinstance(callback, SparsityCallback):
+            continue
+        try:
+            names = select_parameters(model, callback.include, callback.exclude)
+            callback.validate(None, model, {n: params[n] for n in names})
+        except ConfigError as err:
+            raise ConfigError(f"{loaded.path}: method {i} ({type(callback).__name__}): {err}") from None
+        print(f"\n[{i}] {type(callback).__name__}")
+        for n in names:
+            print(f"    {n:40s} {str(tuple(params[n].shape)):>16s} {params[n].numel():>10d}")
+        if hasattr(callback, "start_spec"):
+            start = callback.start_spec.resolve(total_steps, steps_per_epoch)
+            end = min(callback.end_spec.resolve(total_steps, steps_per_epoch), total_steps - 1)
+            print(f"    target sparsity over {total_steps} steps (start {start}, end {end}):")
+            for k in range(11):
+                step = round(k * (total_steps - 1) / 10)
+                s = sparsity_at(step, start, end, callback.initial_sparsity, callback.sparsity, callback.curve)
+                print(f"    step {step:>7d}  {s:6.3f}  " + "#" * round(40 * s))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_lightning import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="sparse-lightning",
-        description="Training-time sparsity for PyTorch Lightning. Recipes and `fit --recipe` are not in this "
-        "version yet; see examples/gradual_magnitude_mnist1d.py for the built-in task.",
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = (
+        "usage: sparse-lightning {fit,validate,test} --recipe FILE [--var NAME=VALUE] [LightningCLI flags]\n"
+        "       sparse-lightning recipes {list,show,validate} ...\n"
+        "       sparse-lightning --version"
     )
-    parser.add_argument("--version", action="version", version=f"sparse-lightning {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"sparse-lightning {__version__}")
+        return 0
+    try:
+        if argv[0] in TRAIN_COMMANDS:
+            return run_training(argv[0], argv[1:])
+        if argv[0] == "recipes":
+            return recipes_command(argv[1:])
+    except ConfigError as err:
+        return _fail(str(err))
+    return _fail(f"unknown command {argv[0]!r}.\n{usage}")
 
 
 if __name__ == "__main__":

@@ -3,5 +3,6 @@
 from sparse_lightning.callbacks.base import SparsityCallback
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
+from sparse_lightning.callbacks.registry import METHODS, register
 
-__all__ = ["ConstantMask", "GradualMagnitudePruning", "SparsityCallback", "SparsityMonitor"]
+__all__ = ["METHODS", "register", "ConstantMask", "GradualMagnitudePruning", "SparsityCallback", "SparsityMonitor"]

@@ -17,12 +17,14 @@ from sparse_lightning.callbacks.base import (
     resolve_time,
     select_overrides,
 )
+from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
 from sparse_lightning.core.patterns import parse_pattern
 from sparse_lightning.core.schedules import TimeValue, check_curve, is_event, parse_time, sparsity_at
 
 
+@register("gradual_magnitude")
 class GradualMagnitudePruning(SparsityCallback):
     """Gradual magnitude pruning: Zhu & Gupta 2017, "To prune, or not to prune" (arXiv:1710.01878).
 
@@ -178,6 +180,7 @@ class GradualMagnitudePruning(SparsityCallback):
         return {"schedule": [self.start_step, self.end_step, self.every_steps]}
 
 
+@register("constant_mask")
 class ConstantMask(SparsityCallback):
     """Keep the zeros a model already has: sparse fine-tuning after pruning, or training a given sparse model.
 

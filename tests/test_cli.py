@@ -1,0 +1,96 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from wandb_records import history, read_records
+
+from sparse_lightning import masks_of
+from sparse_lightning.cli import main
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def test_fit_a_shipped_recipe_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    args = [
+        "fit",
+        "--recipe",
+        str(RECIPES / "gmp-90-global.yaml"),
+        "--var",
+        "epochs=2",
+        "--trainer.limit_train_batches=10",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=1",
+    ]
+    assert main(args) == 0
+    import wandb
+
+    wandb.finish()
+    assert "logging offline" in capsys.readouterr().err
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = [r for r in history(run_file) if "sparsity/global" in r]
+    values = [r["sparsity/global"] for r in rows]
+    assert len(values) == 20 and values[0] == 0.0 and values[-1] == pytest.approx(0.9, abs=1e-3)
+    configs = {}
+    for record in read_records(run_file):
+        if record.WhichOneof("record_type") == "config":
+            configs.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    assert configs["recipe"]["name"] == "gmp-90-global"
+    assert configs["recipe"]["stages"][0]["methods"][0]["args"]["sparsity"] == 0.9
+
+
+def test_lightning_cli_config_can_name_the_callback(tmp_path):
+    config = {
+        "trainer": {
+            "max_epochs": 1,
+            "limit_train_batches": 6,
+            "limit_val_batches": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {
+                    "class_path": "sparse_lightning.GradualMagnitudePruning",
+                    "init_args": {"sparsity": 0.5, "start": 1, "end": 4, "every": 1, "include": ["net.linear.weight"]},
+                }
+            ],
+        },
+        "model": {"class_path": "sparse_lightning.models.MNIST1DCNN"},
+        "data": {"class_path": "sparse_lightning.data.MNIST1DDataModule"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(
+        args=["fit", "--config", str(path)],
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+    )
+    masks = masks_of(cli.model)
+    assert list(masks) == ["net.linear.weight"]
+    assert 1 - masks["net.linear.weight"].float().mean().item() == pytest.approx(0.5)
+    assert torch.all(cli.model.net.linear.weight[~masks["net.linear.weight"]] == 0)
+
+
+def test_user_error_during_setup_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((RECIPES / "gmp-2of4.yaml").read_text())
+    args = [
+        "fit",
+        "--recipe",
+        str(recipe),
+        "--model",
+        "sparse_lightning.models.MNIST1DCNN",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "'net.conv1.weight' of shape (25, 1, 5) is too small for pattern 2:4" in err and "Traceback" not in err
