@@ -3,6 +3,7 @@
     sparse-lightning fit --recipe recipes/gmp-90-global.yaml [--var sparsity=0.95] [any LightningCLI flag]
     sparse-lightning validate|test --recipe FILE --ckpt_path CKPT
     sparse-lightning recipes list | show NAME | validate FILE [--model CLASS_PATH]
+    sparse-lightning recipes import-sparseml SPARSEML.yaml [-o OUT.yaml] [--prefix net.]
 
 ``fit``/``validate``/``test`` run on ``LightningCLI``, so every Trainer, model and data flag works; the recipe gives
 the callbacks and the default model, data and Trainer settings, which flags override. The run logs to Weights &
@@ -119,7 +120,13 @@ def recipes_command(argv: Sequence[str]) -> int:
     check.add_argument("--var", action="append", default=[])
     check.add_argument("--total-steps", type=int, default=1000, help="steps of the run to show the schedule for")
     check.add_argument("--steps-per-epoch", type=int, default=100)
+    imp = sub.add_parser("import-sparseml", help="convert a SparseML recipe; prints what it can not convert")
+    imp.add_argument("file")
+    imp.add_argument("-o", "--output", help="write the recipe here (default: standard output)")
+    imp.add_argument("--prefix", default="", help="prepended to parameter names, e.g. 'net.' for a wrapped model")
     args = parser.parse_args(argv)
+    if args.action == "import-sparseml":
+        return import_sparseml(args.file, args.output, args.prefix)
     from sparse_lightning.recipes import find_recipe, load, shipped_recipes
 
     if args.action == "list":
@@ -137,6 +144,25 @@ def recipes_command(argv: Sequence[str]) -> int:
         print(find_recipe(args.name).read_text(), end="")
         return 0
     return validate_recipe(args.file, args.model, _parse_vars(args.var), args.total_steps, args.steps_per_epoch)
+
+
+def import_sparseml(file: str, output: str | None, prefix: str) -> int:
+    import yaml
+
+    from sparse_lightning.recipes import load
+    from sparse_lightning.recipes.sparseml import convert_sparseml
+
+    recipe, problems = convert_sparseml(file, prefix)
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    for problem in problems:
+        print(f"{file}: {problem}", file=sys.stderr)
+    if output is None:
+        print(text, end="")
+        return 0
+    Path(output).write_text(text)
+    load(output)
+    print(f"wrote {output} ({len(recipe['stages'])} stage(s); {len(problems)} item(s) not converted)", file=sys.stderr)
+    return 0
 
 
 def validate_recipe(file: str, model_path: str | None, variables: dict, total_steps: int, steps_per_epoch: int) -> int:
@@ -188,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = (
         "usage: sparse-lightning {fit,validate,test} --recipe FILE [--var NAME=VALUE] [LightningCLI flags]\n"
-        "       sparse-lightning recipes {list,show,validate} ...\n"
+        "       sparse-lightning recipes {list,show,validate,import-sparseml} ...\n"
         "       sparse-lightning --version"
     )
     if not argv or argv[0] in ("-h", "--help"):
