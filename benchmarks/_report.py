@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 
+from sparse_lightning.bench import write_doc_section
+
 DOC = Path(__file__).parents[1] / "docs" / "benchmarks.md"
-HEADER = "# Benchmarks\n\nEach section is written by the benchmark script it names; rerun it to refresh the section.\n"
 
 
 def mean_spread(values: list[float]) -> str:
@@ -17,13 +17,8 @@ def mean_spread(values: list[float]) -> str:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    text = DOC.read_text() if DOC.exists() else HEADER
-    block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
-    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    """Replace (or append) one section of docs/benchmarks.md (see ``sparse_lightning.bench.write_doc_section``)."""
+    write_doc_section(DOC, name, body)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

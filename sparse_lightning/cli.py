@@ -4,6 +4,7 @@
     sparse-lightning validate|test --recipe FILE --ckpt_path CKPT
     sparse-lightning recipes list | show NAME | validate FILE [--model CLASS_PATH]
     sparse-lightning recipes import-sparseml SPARSEML.yaml [-o OUT.yaml] [--prefix net.]
+    sparse-lightning bench --recipes A.yaml B.yaml --seeds 3   # beside dense and ModelPruning baselines
 
 ``fit``/``validate``/``test`` run on ``LightningCLI``, so every Trainer, model and data flag works; the recipe gives
 the callbacks and the default model, data and Trainer settings, which flags override. The run logs to Weights &
@@ -208,6 +209,43 @@ def validate_recipe(file: str, model_path: str | None, variables: dict, total_st
     return 0
 
 
+def bench_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparse-lightning bench",
+        description="Train recipes beside dense and ModelPruning baselines; write a Markdown and CSV table.",
+    )
+    parser.add_argument("--recipes", nargs="+", required=True)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, help="default: the first recipe's trainer.max_epochs")
+    parser.add_argument("--model", help="class path of a LightningModule (default: the first recipe's model)")
+    parser.add_argument("--data", help="class path of a LightningDataModule (default: the first recipe's data)")
+    parser.add_argument("--limit-train-batches", type=int)
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--docs", default="docs/benchmarks.md", help="Markdown file whose `bench` section is rewritten")
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
+        raise ConfigError("--seeds and --epochs must be at least 1.")
+    from sparse_lightning.bench import run_bench, write_doc_section, write_results
+
+    trainer_args = {"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}
+    runs = run_bench(
+        args.recipes,
+        args.seeds,
+        args.epochs,
+        {"class_path": args.model} if args.model else None,
+        {"class_path": args.data} if args.data else None,
+        trainer_args,
+    )
+    command = "sparse-lightning bench " + " ".join(argv)
+    csv_path, md_path, text = write_results(runs, Path(args.out_dir), command)
+    print(text)
+    if not args.no_docs:
+        write_doc_section(Path(args.docs), "bench", text)
+    print(f"wrote {csv_path} and {md_path}" + ("" if args.no_docs else f"; updated {args.docs}"), file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_lightning import __version__
 
@@ -215,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage = (
         "usage: sparse-lightning {fit,validate,test} --recipe FILE [--var NAME=VALUE] [LightningCLI flags]\n"
         "       sparse-lightning recipes {list,show,validate,import-sparseml} ...\n"
+        "       sparse-lightning bench --recipes FILE [FILE ...] [--seeds 3] [--epochs N]\n"
         "       sparse-lightning --version"
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -228,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_training(argv[0], argv[1:])
         if argv[0] == "recipes":
             return recipes_command(argv[1:])
+        if argv[0] == "bench":
+            return bench_command(argv[1:])
     except ConfigError as err:
         return _fail(str(err))
     return _fail(f"unknown command {argv[0]!r}.\n{usage}")
