@@ -1,6 +1,6 @@
 """The ``sparse-lightning`` command.
 
-    sparse-lightning fit --recipe recipes/gmp-90-global.yaml [--var sparsity=0.95] [any LightningCLI flag]
+    sparse-lightning fit --recipe recipes/gmp-90-global.yaml [--var sparsity=0.95] [--log-model] [LightningCLI flags]
     sparse-lightning validate|test --recipe FILE --ckpt_path CKPT
     sparse-lightning recipes list | show NAME | validate FILE [--model CLASS_PATH]
     sparse-lightning recipes import-sparseml SPARSEML.yaml [-o OUT.yaml] [--prefix net.]
@@ -67,6 +67,7 @@ def run_training(command: str, argv: Sequence[str]) -> int:
     pre = argparse.ArgumentParser(prog=f"sparse-lightning {command}", add_help=False)
     pre.add_argument("--recipe", required=True)
     pre.add_argument("--var", action="append", default=[])
+    pre.add_argument("--log-model", action="store_true")
     known, rest = pre.parse_known_args(argv)
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
@@ -86,6 +87,8 @@ def run_training(command: str, argv: Sequence[str]) -> int:
     trainer_defaults = {**recipe.trainer, "callbacks": loaded.callbacks}
     if "--trainer.logger" not in flags:
         trainer_defaults["logger"] = default_logger(recipe.name)
+    elif known.log_model and "wandb" not in " ".join(a for a in rest if "logger" in a).lower():
+        raise ConfigError("--log-model needs the W&B logger, but --trainer.logger replaces it.")
 
     class RecipeCLI(LightningCLI):
         def _log_recipe(self) -> None:
@@ -97,16 +100,46 @@ def run_training(command: str, argv: Sequence[str]) -> int:
 
         before_fit = before_validate = before_test = _log_recipe
 
-    RecipeCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        trainer_defaults=trainer_defaults,
-        save_config_kwargs={"overwrite": True},
-    )
+        def after_fit(self) -> None:
+            if known.log_model:
+                log_model_artifact(self.trainer, loaded.recipe.name)
+
+    argv_before, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        RecipeCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            trainer_defaults=trainer_defaults,
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = argv_before
     return 0
+
+
+def log_model_artifact(trainer: Any, recipe_name: str) -> None:
+    """Save the final sparse checkpoint and log it to W&B as a ``model`` artifact (also offline, for ``wandb sync``)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from sparse_lightning.callbacks.monitor import weight_sparsities
+    from sparse_lightning.core.masks import masks_of
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        raise ConfigError("--log-model needs the W&B logger (the default); --trainer.logger replaced it.")
+    import wandb
+
+    run = loggers[0].experiment
+    path = Path(run.dir) / "final-sparse.ckpt"
+    trainer.save_checkpoint(path)
+    masks = masks_of(trainer.lightning_module)
+    sparsity, _ = weight_sparsities(dict(trainer.lightning_module.named_parameters()), masks)
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata={"recipe": recipe_name, "sparsity": sparsity})
+    artifact.add_file(str(path))
+    run.log_artifact(artifact, aliases=["final", "latest"])
 
 
 def recipes_command(argv: Sequence[str]) -> int:

@@ -27,6 +27,7 @@ def test_fit_a_shipped_recipe_logs_to_wandb_offline(tmp_path, monkeypatch, capsy
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.limit_val_batches=1",
+        "--log-model",
     ]
     assert main(args) == 0
     import wandb
@@ -43,6 +44,11 @@ def test_fit_a_shipped_recipe_logs_to_wandb_offline(tmp_path, monkeypatch, capsy
             configs.update({item.key: json.loads(item.value_json) for item in record.config.update})
     assert configs["recipe"]["name"] == "gmp-90-global"
     assert configs["recipe"]["stages"][0]["methods"][0]["args"]["sparsity"] == 0.9
+    artifacts = [r.artifact for r in read_records(run_file) if r.WhichOneof("record_type") == "artifact"]
+    (model,) = [a for a in artifacts if a.type == "model"]
+    metadata = json.loads(model.metadata)
+    assert metadata["recipe"] == "gmp-90-global" and metadata["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert [f.path for f in model.manifest.contents] == ["final-sparse.ckpt"]
 
 
 def test_lightning_cli_config_can_name_the_callback(tmp_path):
@@ -94,3 +100,9 @@ def test_user_error_during_setup_exits_2(tmp_path, monkeypatch, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "'net.conv1.weight' of shape (25, 1, 5) is too small for pattern 2:4" in err and "Traceback" not in err
+
+
+def test_log_model_without_wandb_is_refused_before_training(capsys):
+    args = ["fit", "--recipe", str(RECIPES / "gmp-90-global.yaml"), "--log-model", "--trainer.logger=false"]
+    assert main(args) == 2
+    assert "--log-model needs the W&B logger" in capsys.readouterr().err

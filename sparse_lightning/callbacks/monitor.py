@@ -46,6 +46,7 @@ def log_sparsity(
     if target is not None:
         values["sparsity/target"] = float(target)
     values.update({f"sparsity/{name}": value for name, value in per_layer.items()})
+    has_logger = bool(trainer.loggers)
     for key, value in values.items():
         pl_module.log(
             key,
@@ -53,7 +54,7 @@ def log_sparsity(
             on_step=True,
             on_epoch=False,
             prog_bar=prog_bar and key == "sparsity/global",
-            logger=True,
+            logger=has_logger,
             batch_size=1,
         )
     return values
