@@ -98,10 +98,13 @@ BAD = [
 
 
 @pytest.mark.parametrize(("text", "message"), BAD, ids=range(len(BAD)))
-def test_bad_recipes_name_file_and_field(write, text, message):
+def test_bad_recipes_name_file_and_field(write, text, message, capsys):
     path = write(text)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+    assert main(["fit", "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
 
 
 def test_bad_recipe_exits_2_with_one_line(write, capsys):
