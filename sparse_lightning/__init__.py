@@ -1,9 +1,25 @@
 """sparse-lightning: training-time sparsity for PyTorch Lightning."""
 
-from sparse_lightning.callbacks import ConstantMask, GradualMagnitudePruning, SparsityCallback, SparsityMonitor
+from sparse_lightning.callbacks import (
+    SET,
+    ConstantMask,
+    GradualMagnitudePruning,
+    RigL,
+    SparsityCallback,
+    SparsityMonitor,
+)
 from sparse_lightning.core.masks import masks_of
 from sparse_lightning.recipes import load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["ConstantMask", "GradualMagnitudePruning", "SparsityCallback", "SparsityMonitor", "load_recipe", "masks_of"]
+__all__ = [
+    "ConstantMask",
+    "GradualMagnitudePruning",
+    "RigL",
+    "SET",
+    "SparsityCallback",
+    "SparsityMonitor",
+    "load_recipe",
+    "masks_of",
+]

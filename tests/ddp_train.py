@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TinyNet, tiny_loader  # noqa: E402
 
-from sparse_lightning import GradualMagnitudePruning, masks_of  # noqa: E402
+from sparse_lightning import SET, GradualMagnitudePruning, RigL, masks_of  # noqa: E402
 from sparse_lightning.core.masks import MaskSet  # noqa: E402
 
 
@@ -31,8 +31,12 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     model = TinyNet("adam", lr=0.01)
-    distribution = sys.argv[2] if len(sys.argv) > 2 else "global"
-    pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3, distribution=distribution)
+    variant = sys.argv[2] if len(sys.argv) > 2 else "global"
+    if variant in ("rigl", "set"):
+        method = RigL if variant == "rigl" else SET
+        pruning = method(sparsity=0.9, end=20, every=3, drop_noise=1e-5)
+    else:
+        pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3, distribution=variant)
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -1,8 +1,18 @@
 """Lightning callbacks, one file per method, all on :class:`~sparse_lightning.callbacks.base.SparsityCallback`."""
 
 from sparse_lightning.callbacks.base import SparsityCallback
+from sparse_lightning.callbacks.dst import SET, RigL
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
 
-__all__ = ["METHODS", "register", "ConstantMask", "GradualMagnitudePruning", "SparsityCallback", "SparsityMonitor"]
+__all__ = [
+    "METHODS",
+    "ConstantMask",
+    "GradualMagnitudePruning",
+    "RigL",
+    "SET",
+    "SparsityCallback",
+    "SparsityMonitor",
+    "register",
+]

@@ -1,0 +1,216 @@
+"""Dynamic sparse training: RigL (Evci et al. 2020) and SET (Mocanu et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time
+from sparse_lightning.callbacks.registry import register
+from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.growth import cosine_drop_fraction, drop_and_grow
+from sparse_lightning.core.patterns import parse_pattern
+from sparse_lightning.core.schedules import TimeValue, parse_time
+
+DECAYS = ("cosine", "constant")
+
+
+class DynamicSparseTraining(SparsityCallback):
+    """Sparse from the first step: a random mask at ``sparsity``, then drop-and-grow every ``every`` steps.
+
+    Subclasses give the grow score. Randomness (the initial mask, the drop noise, SET's growth) comes from one
+    seeded ``torch.Generator`` whose state is saved in checkpoints, so resume and DDP ranks stay identical.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        alpha: float = 0.3,
+        decay: str = "cosine",
+        start: TimeValue = 0,
+        end: TimeValue = 0.75,
+        every: TimeValue = 100,
+        distribution: str = "erk",
+        skip_step_on_update: bool = True,
+        drop_noise: float = 1e-5,
+        seed: int = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
+        self.sparsity = check_fraction("sparsity", sparsity)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+            raise ConfigError(f"`alpha` (the drop fraction) must lie in (0, 1], got {alpha!r}.")
+        if decay not in DECAYS:
+            raise ConfigError(f"`decay` must be one of {list(DECAYS)}, got {decay!r}.")
+        self.distribution = check_distribution(distribution)
+        for name, value in (("skip_step_on_update", skip_step_on_update),):
+            if not isinstance(value, bool):
+                raise ConfigTypeError(f"`{name}` must be a bool, got {value!r}.")
+        if isinstance(drop_noise, bool) or not isinstance(drop_noise, (int, float)) or drop_noise < 0:
+            raise ConfigError(f"`drop_noise` must be a number >= 0, got {drop_noise!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigTypeError(f"`seed` must be an int, got {seed!r}.")
+        self.alpha, self.decay = float(alpha), decay
+        self.skip_step_on_update, self.drop_noise, self.seed = skip_step_on_update, float(drop_noise), seed
+        self.start_spec = parse_time(start, "start")
+        self.end_spec = parse_time(end, "end")
+        self.every_spec = parse_time(every, "every", allow_zero=False)
+        self.start_step = self.end_step = self.every_steps = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self._initial: dict[str, Tensor] = {}
+
+    @property
+    def current_target(self) -> float | None:
+        return self.sparsity
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
+        if self.distribution != "global":
+            layer_densities({n: p.shape for n, p in params.items()}, self.sparsity, self.distribution)
+
+    def initial_mask(self, name: str, param: Tensor) -> Tensor | None:
+        return self._initial.get(name)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.generator.manual_seed(self.seed)
+            params = dict(pl_module.named_parameters())
+            from sparse_lightning.core.targets import select_parameters
+
+            names = select_parameters(pl_module, self.include, self.exclude)
+            scores = {n: torch.rand(params[n].shape, generator=self.generator) for n in names}
+            pruned = pruned_units(scores, parse_pattern("unstructured"), self.sparsity, self.distribution)
+            self._initial = {n: ~pruned[n].view(scores[n].shape) for n in names}
+        super().setup(trainer, pl_module, stage)
+        self._initial = {}
+
+    def resolve_schedule(self, trainer: pl.Trainer) -> None:
+        total = trainer.estimated_stepping_batches
+        start = resolve_time(trainer, self.start_spec, "start")
+        end = resolve_time(trainer, self.end_spec, "end")
+        every = resolve_time(trainer, self.every_spec, "every")
+        if every < 1:
+            raise ConfigError(f"`every`={self.every_spec.text} resolves to {every} steps; it must be at least 1.")
+        if end < start or (math.isfinite(total) and start >= total):
+            raise ConfigError(
+                f"`end`={self.end_spec.text} (step {end}) comes before the first update at `start`="
+                f"{self.start_spec.text} (step {start}) or training ({int(total)} steps) ends before it."
+            )
+        self.start_step, self.end_step, self.every_steps = start, end, every
+
+    def is_update_step(self, step: int) -> bool:
+        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
+        return self.start_step <= step <= self.end_step and (step - self.start_step) % self.every_steps == 0
+
+    def drop_fraction(self, step: int) -> float:
+        assert self.end_step is not None
+        if self.decay == "constant":
+            return self.alpha if step <= self.end_step else 0.0
+        return cosine_drop_fraction(step, self.end_step, self.alpha)
+
+    def grow_score(self, name: str, param: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def compute_masks(self, step: int, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        fraction = self.drop_fraction(step)
+        new_masks = {}
+        for name in self.names:
+            param, mask = params[name], self.mask_set.mask_for(name, params[name])
+            count = int(int(mask.sum()) * fraction)
+            noise = None
+            if self.drop_noise > 0:
+                noise = torch.randn(param.shape, generator=self.generator) * self.drop_noise
+            new_masks[name], _ = drop_and_grow(mask, param, self.grow_score(name, param), count, noise)
+        return new_masks
+
+    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        super().update_masks(trainer, pl_module, step)
+        if self.skip_step_on_update:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@register("rigl")
+class RigL(DynamicSparseTraining):
+    """RigL: Evci et al. 2020, "Rigging the Lottery: Making All Tickets Winners" (arXiv:1911.11134).
+
+    Every ``every`` optimizer steps (default 100) from ``start`` until ``end`` (default 75% of training), each layer
+    drops the ``f_t * n_active`` active weights of smallest magnitude and grows as many inactive connections with the
+    largest magnitude of the dense gradient, f_t = alpha / 2 * (1 + cos(pi t / end)) (``decay="cosine"``, alpha 0.3)
+    or alpha (``decay="constant"``). The dense gradient is the accumulated, unscaled, DDP-averaged gradient that
+    Lightning hands to ``on_before_optimizer_step``, read before masking. Grown weights start at 0 with zero
+    optimizer state; a connection dropped and regrown in one update keeps its value and state; the drop score gets
+    N(0, ``drop_noise``) noise and ties go to the lower index, as in the reference. Layer densities: ERK by default;
+    the initial mask is random at those densities.
+
+    The reference does not apply the optimizer update on mask-update iterations. Inside Lightning this is done by
+    setting every gradient of the optimizer to ``None`` after the update in ``on_before_optimizer_step``, so the
+    optimizer step that follows changes nothing (no momentum, no weight decay) while ``trainer.global_step`` still
+    counts it (the reference does not count it). ``skip_step_on_update=False`` takes the step instead.
+    """
+
+    def grow_score(self, name: str, param: Tensor) -> Tensor:
+        if param.grad is None:
+            raise ConfigError(f"RigL needs the gradient of {name!r} at the update, but it has none (frozen?).")
+        return param.grad
+
+
+@register("set")
+class SET(DynamicSparseTraining):
+    """SET: Mocanu et al. 2018, "Scalable training of artificial neural networks with adaptive sparse connectivity
+    inspired by network science" (Nature Communications 9, 2383).
+
+    The same drop-and-grow loop as :class:`RigL` with random growth (uniform scores from the saved generator), a
+    constant drop fraction ``alpha`` (the paper's zeta = 0.3) and Erdos-Renyi layer densities by default. The
+    optimizer step is taken on update steps, as in the reference's SET.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        alpha: float = 0.3,
+        decay: str = "constant",
+        start: TimeValue = 0,
+        end: TimeValue = 0.75,
+        every: TimeValue = 100,
+        distribution: str = "er",
+        skip_step_on_update: bool = False,
+        drop_noise: float = 1e-5,
+        seed: int = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        super().__init__(
+            sparsity,
+            alpha,
+            decay,
+            start,
+            end,
+            every,
+            distribution,
+            skip_step_on_update,
+            drop_noise,
+            seed,
+            include,
+            exclude,
+            log_sparsity,
+        )
+
+    def grow_score(self, name: str, param: Tensor) -> Tensor:
+        return torch.rand(param.shape, generator=self.generator)
