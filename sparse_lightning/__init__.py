@@ -2,6 +2,7 @@
 
 from sparse_lightning.callbacks import (
     SET,
+    SNIP,
     ConstantMask,
     GradualMagnitudePruning,
     RigL,
@@ -18,6 +19,7 @@ __all__ = [
     "GradualMagnitudePruning",
     "RigL",
     "SET",
+    "SNIP",
     "SparsityCallback",
     "SparsityMonitor",
     "load_recipe",

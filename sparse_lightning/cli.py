@@ -231,7 +231,12 @@ def validate_recipe(file: str, model_path: str | None, variables: dict, total_st
         print(f"\n[{i}] {type(callback).__name__}")
         for n in names:
             print(f"    {n:40s} {str(tuple(params[n].shape)):>16s} {params[n].numel():>10d}")
-        if hasattr(callback, "start_spec"):
+        if hasattr(callback, "start_spec") and not hasattr(callback, "curve"):
+            start = callback.start_spec.resolve(total_steps, steps_per_epoch)
+            end = min(callback.end_spec.resolve(total_steps, steps_per_epoch), total_steps - 1)
+            every = callback.every_spec.resolve(total_steps, steps_per_epoch)
+            print(f"    constant sparsity {callback.sparsity}; mask updates every {every} steps from {start} to {end}")
+        elif hasattr(callback, "start_spec"):
             start = callback.start_spec.resolve(total_steps, steps_per_epoch)
             end = min(callback.end_spec.resolve(total_steps, steps_per_epoch), total_steps - 1)
             print(f"    target sparsity over {total_steps} steps (start {start}, end {end}):")

@@ -5,6 +5,7 @@ from sparse_lightning.callbacks.dst import SET, RigL
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
+from sparse_lightning.callbacks.snip import SNIP
 
 __all__ = [
     "METHODS",
@@ -12,6 +13,7 @@ __all__ = [
     "GradualMagnitudePruning",
     "RigL",
     "SET",
+    "SNIP",
     "SparsityCallback",
     "SparsityMonitor",
     "register",
