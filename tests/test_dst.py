@@ -1,3 +1,4 @@
+import copy
 import math
 
 import lightning.pytorch as pl
@@ -168,3 +169,31 @@ def test_end_before_the_first_update_fails_before_training():
     trainer = pl.Trainer(max_epochs=1, callbacks=[RigL(start=6, end=3)], **QUIET)
     with pytest.raises(ValueError, match=r"`end`=3 \(step 3\) comes before the first update at `start`=6"):
         trainer.fit(TinyNet(), tiny_loader())
+
+
+def test_rigl_grows_from_the_accumulated_gradient():
+    """With accumulate_grad_batches=4 the grow score is the mean gradient of the 4 micro-batches."""
+    captured = {}
+
+    class SpyRigL(RigL):
+        def compute_masks(self, step, params):
+            captured.setdefault("grad", {n: params[n].grad.clone() for n in self.names})
+            return super().compute_masks(step, params)
+
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            captured["model"] = copy.deepcopy(pl_module)
+
+    torch.manual_seed(0)
+    rigl = SpyRigL(sparsity=0.8, every=1, end=0, drop_noise=0.0, log_sparsity=False)
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=4, callbacks=[rigl, Snapshot()], **QUIET)
+    trainer.fit(TinyNet("adam"), tiny_loader())
+    model = captured["model"]
+    model.zero_grad()
+    for i, (x, y) in enumerate(tiny_loader()):
+        if i == 4:
+            break
+        (torch.nn.functional.cross_entropy(model(x), y) / 4).backward()
+    params = dict(model.named_parameters())
+    for name, grad in captured["grad"].items():
+        torch.testing.assert_close(grad, params[name].grad)

@@ -19,6 +19,8 @@ def cosine_drop_fraction(step: int, end: int, alpha: float) -> float:
     """RigL's f(t) = alpha / 2 * (1 + cos(pi * t / end)), 0 after ``end`` (Evci et al. 2020, eq. 1)."""
     if step > end:
         return 0.0
+    if end <= 0:
+        return alpha
     return alpha / 2.0 * (1.0 + math.cos(math.pi * step / end))
 
 
