@@ -52,6 +52,18 @@ def run(config: dict) -> dict:
                 log_sparsity=False,
             )
         )
+    elif config["method"] in DST:
+        from sparse_lightning import SET, SNIP, RigL
+
+        name = config["method"]
+        if name == "snip":
+            callbacks.append(SNIP(sparsity=sparsity, log_sparsity=False))
+        elif name == "set":
+            callbacks.append(SET(sparsity=sparsity, seed=config["seed"], log_sparsity=False))
+        else:
+            callbacks.append(
+                RigL(sparsity=sparsity, distribution=name.split("-")[1], seed=config["seed"], log_sparsity=False)
+            )
     elif config["method"] == "modelpruning":
 
         def count(epoch: int) -> int:
@@ -90,7 +102,8 @@ def run(config: dict) -> dict:
     return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds}
 
 
-METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform")
+DST = ("rigl-erk", "rigl-uniform", "set", "snip")
+METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", *DST)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
 
@@ -162,6 +175,10 @@ LABELS = {
     "gmp-global": "`GradualMagnitudePruning`, global",
     "gmp-erk": "`GradualMagnitudePruning`, ERK",
     "gmp-uniform": "`GradualMagnitudePruning`, uniform",
+    "rigl-erk": "`RigL`, ERK (defaults: every 100 steps, alpha 0.3, end 75%)",
+    "rigl-uniform": "`RigL`, uniform",
+    "set": "`SET`, ER (defaults)",
+    "snip": "`SNIP` (1 batch, global)",
 }
 
 
