@@ -202,7 +202,8 @@ def write_report(path: Path) -> None:
         "## Accuracy on MNIST-1D",
         "",
         f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global` and "
-        "`... --methods gmp-erk gmp-uniform --channels 25` (1 torch thread a run; raw rows in "
+        "`... --methods gmp-erk gmp-uniform --channels 25` and "
+        "`... --methods rigl-erk rigl-uniform set snip --channels 25 --levels 0.9` (1 torch thread a run; raw rows in "
         "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "
         "deviation over seeds (n = number of seeds); the sparsity is the fraction of exact zeros over all conv/linear "
         "weights that each run really reached (mean). All pruning runs use the same window (10% to 60% of training) "
