@@ -25,11 +25,10 @@ RESULTS = Path(__file__).parent / "results"
 def run(config: dict) -> dict:
     import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import ModelPruning
     from torch import nn
 
     from sparse_lightning import GradualMagnitudePruning
-    from sparse_lightning.core.schedules import sparsity_at
+    from sparse_lightning.bench import modelpruning_callback
     from sparse_lightning.data import MNIST1DDataModule
     from sparse_lightning.models import MNIST1DCNN
 
@@ -65,23 +64,7 @@ def run(config: dict) -> dict:
                 RigL(sparsity=sparsity, distribution=name.split("-")[1], seed=config["seed"], log_sparsity=False)
             )
     elif config["method"] == "modelpruning":
-
-        def count(epoch: int) -> int:
-            return round(sparsity_at(epoch, start_ep, end_ep, 0.0, sparsity, "cubic") * total)
-
-        def amount(epoch: int) -> int:  # called at the end of epoch `epoch`: step to the target of epoch + 1
-            return max(0, count(epoch + 1) - count(epoch)) if start_ep <= epoch + 1 <= end_ep else 0
-
-        callbacks.append(
-            ModelPruning(
-                "l1_unstructured",
-                parameters_to_prune=targets,
-                amount=amount,
-                use_global_unstructured=True,
-                make_pruning_permanent=True,
-                verbose=0,
-            )
-        )
+        callbacks.append(modelpruning_callback(model, sparsity, start_ep, end_ep))
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",

@@ -269,6 +269,17 @@ class SparsityCallback(pl.Callback):
         self._pending_state = None
 
 
+def skip_optimizer_step(trainer: pl.Trainer) -> None:
+    """Make the coming optimizer step a no-op: every gradient of every optimizer is set to ``None``.
+
+    Torch optimizers skip parameters without a gradient, so no weight, momentum or weight decay changes.
+    """
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
 def resolve_time(trainer: pl.Trainer, spec: TimeSpec, name: str) -> int:
     """An optimizer step for one time argument, from the trainer's estimate of the training length."""
     if spec.kind == "steps":

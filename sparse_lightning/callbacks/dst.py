@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time, skip_optimizer_step
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
@@ -133,10 +133,7 @@ class DynamicSparseTraining(SparsityCallback):
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         super().update_masks(trainer, pl_module, step)
         if self.skip_step_on_update:
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+            skip_optimizer_step(trainer)
 
     def extra_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, skip_optimizer_step
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, pruned_units
 from sparse_lightning.core.errors import ConfigError
@@ -83,10 +83,7 @@ class SNIP(SparsityCallback):
                 raise ConfigError(f"SNIP needs the gradient of {name!r}, but it has none (is it frozen?).")
             self._grad_sums[name] = self._grad_sums.get(name, torch.zeros_like(grad)) + grad.detach()
         if step + 1 < self.batches:
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+            skip_optimizer_step(trainer)
             self.last_update_step = step
             return
         super().update_masks(trainer, pl_module, step)
