@@ -4,6 +4,7 @@ from sparse_lightning.callbacks import (
     SET,
     SNIP,
     ConstantMask,
+    GaP,
     GradualMagnitudePruning,
     RigL,
     SparsityCallback,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConstantMask",
+    "GaP",
     "GradualMagnitudePruning",
     "RigL",
     "SET",

@@ -231,7 +231,9 @@ def validate_recipe(file: str, model_path: str | None, variables: dict, total_st
         print(f"\n[{i}] {type(callback).__name__}")
         for n in names:
             print(f"    {n:40s} {str(tuple(params[n].shape)):>16s} {params[n].numel():>10d}")
-        if hasattr(callback, "start_spec") and not hasattr(callback, "curve"):
+        if hasattr(callback, "phase_spec"):
+            print(f"    constant sparsity {callback.sparsity}; {callback.num_phases} grow-and-prune phases")
+        elif hasattr(callback, "start_spec") and not hasattr(callback, "curve"):
             start = callback.start_spec.resolve(total_steps, steps_per_epoch)
             end = min(callback.end_spec.resolve(total_steps, steps_per_epoch), total_steps - 1)
             every = callback.every_spec.resolve(total_steps, steps_per_epoch)

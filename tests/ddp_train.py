@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TinyNet, tiny_loader  # noqa: E402
 
-from sparse_lightning import SET, GradualMagnitudePruning, RigL, masks_of  # noqa: E402
+from sparse_lightning import SET, GaP, GradualMagnitudePruning, RigL, masks_of  # noqa: E402
 from sparse_lightning.core.masks import MaskSet  # noqa: E402
 
 
@@ -32,7 +32,9 @@ def main(out: Path) -> None:
     pl.seed_everything(0)
     model = TinyNet("adam", lr=0.01)
     variant = sys.argv[2] if len(sys.argv) > 2 else "global"
-    if variant in ("rigl", "set"):
+    if variant == "gap":
+        pruning = GaP(sparsity=0.9, parts=3, phase=5)
+    elif variant in ("rigl", "set"):
         method = RigL if variant == "rigl" else SET
         pruning = method(sparsity=0.9, end=20, every=3, drop_noise=1e-5)
     else:

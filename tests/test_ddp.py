@@ -9,7 +9,7 @@ import torch
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 
 
-@pytest.mark.parametrize("distribution", ["global", "erk", "rigl", "set"])
+@pytest.mark.parametrize("distribution", ["global", "erk", "rigl", "set", "gap"])
 def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(

@@ -2,6 +2,7 @@
 
 from sparse_lightning.callbacks.base import SparsityCallback
 from sparse_lightning.callbacks.dst import SET, RigL
+from sparse_lightning.callbacks.gap import GaP
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
@@ -10,6 +11,7 @@ from sparse_lightning.callbacks.snip import SNIP
 __all__ = [
     "METHODS",
     "ConstantMask",
+    "GaP",
     "GradualMagnitudePruning",
     "RigL",
     "SET",

@@ -183,7 +183,7 @@ def build_callbacks(recipe: Recipe, path: Path) -> list[pl.Callback]:
             except (ValueError, TypeError) as err:
                 raise RecipeError(path, f"{field}.args", str(err)) from None
             callbacks.append(callback)
-            if hasattr(callback, "start_spec"):
+            if hasattr(callback, "start_spec") and hasattr(callback, "end_spec"):
                 windows.append((f"stages[{i}]", callback.start_spec, callback.end_spec, callback))
     _check_overlaps(windows, path)
     return callbacks
