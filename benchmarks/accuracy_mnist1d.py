@@ -52,10 +52,15 @@ def run(config: dict) -> dict:
             )
         )
     elif config["method"] in DST:
-        from sparse_lightning import SET, SNIP, RigL
+        from sparse_lightning import SET, SNIP, GaP, RigL
 
         name = config["method"]
-        if name == "snip":
+        if name == "gap":
+            phase = f"{max(1, epochs // 40)}ep"
+            callbacks.append(
+                GaP(sparsity=sparsity, parts=4, phase=phase, cycles=2, seed=config["seed"], log_sparsity=False)
+            )
+        elif name == "snip":
             callbacks.append(SNIP(sparsity=sparsity, log_sparsity=False))
         elif name == "set":
             callbacks.append(SET(sparsity=sparsity, seed=config["seed"], log_sparsity=False))
@@ -85,7 +90,7 @@ def run(config: dict) -> dict:
     return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds}
 
 
-DST = ("rigl-erk", "rigl-uniform", "set", "snip")
+DST = ("rigl-erk", "rigl-uniform", "set", "snip", "gap")
 METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", *DST)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
@@ -162,6 +167,7 @@ LABELS = {
     "rigl-uniform": "`RigL`, uniform",
     "set": "`SET`, ER (defaults)",
     "snip": "`SNIP` (1 batch, global)",
+    "gap": "`GaP`, cyclic, 4 parts x 2 cycles, phases of 1/40 of training",
 }
 
 
@@ -186,7 +192,8 @@ def write_report(path: Path) -> None:
         "",
         f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global` and "
         "`... --methods gmp-erk gmp-uniform --channels 25` and "
-        "`... --methods rigl-erk rigl-uniform set snip --channels 25 --levels 0.9` (1 torch thread a run; raw rows in "
+        "`... --methods rigl-erk rigl-uniform set snip gap --channels 25 --levels 0.9` (1 torch thread a run; raw "
+        "rows in "
         "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "
         "deviation over seeds (n = number of seeds); the sparsity is the fraction of exact zeros over all conv/linear "
         "weights that each run really reached (mean). All pruning runs use the same window (10% to 60% of training) "
