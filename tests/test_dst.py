@@ -197,3 +197,46 @@ def test_rigl_grows_from_the_accumulated_gradient():
     params = dict(model.named_parameters())
     for name, grad in captured["grad"].items():
         torch.testing.assert_close(grad, params[name].grad)
+
+
+class PowersNet(pl.LightningModule):
+    """One bias-free Linear with dense gradient r x^T made of distinct 3^a * 2^b: no ties, gaps >= 12%."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.arange(1, 33, dtype=torch.float32).view(4, 8) * 1e-3)
+
+    def training_step(self, batch, batch_idx):
+        x, t = batch
+        return 0.5 * ((self.fc(x) - t) ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _powers_loader():
+    x = 2.0 ** torch.arange(8, dtype=torch.float32).view(1, 8)
+    weight = torch.arange(1, 33, dtype=torch.float32).view(4, 8) * 1e-3
+    t = x @ weight.T - torch.tensor([[1.0, 3.0, 9.0, 27.0]])
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, t), batch_size=1)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed"])
+def test_rigl_masks_under_mixed_precision_equal_fp32(precision):
+    masks, initial = {}, {}
+
+    class Initial(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            initial["fc.weight"] = masks_of(pl_module)["fc.weight"].clone()
+
+    for prec in ("32-true", precision):
+        model = PowersNet()
+        rigl = RigL(sparsity=0.5, every=1, end=0, drop_noise=0.0, distribution="uniform", log_sparsity=False)
+        pl.Trainer(max_steps=1, precision=prec, callbacks=[rigl, Initial()], **QUIET).fit(model, _powers_loader())
+        masks[prec] = masks_of(model)["fc.weight"].clone()
+        assert rigl.last_update_step == 0
+    assert not torch.equal(masks["32-true"], initial["fc.weight"]), "the update changed nothing"
+    assert torch.equal(masks["32-true"], masks[precision])
+    assert int(masks["32-true"].sum()) == 16
