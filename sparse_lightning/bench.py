@@ -149,7 +149,8 @@ def run_bench(
     loaded = [load(p) for p in recipe_paths]
     model_spec = model or (loaded[0].recipe.model.model_dump() if loaded and loaded[0].recipe.model else None)
     data_spec = data or (loaded[0].recipe.data.model_dump() if loaded and loaded[0].recipe.data else None)
-    epochs = epochs or int(loaded[0].recipe.trainer.get("max_epochs", 10)) if loaded else (epochs or 10)
+    if epochs is None:
+        epochs = int(loaded[0].recipe.trainer.get("max_epochs", 10)) if loaded else 10
     targets = sorted({cb.sparsity for rec in loaded for cb in rec.callbacks if hasattr(cb, "sparsity")})
     plan: list[tuple[str, int, float, Any]] = []
     for seed in range(seeds):

@@ -1,6 +1,6 @@
 """The small base class that carries the plumbing, so each method file holds only its own mathematics.
 
-A subclass says *which* masks (``initial_mask``, ``compute_masks``) and *when* (``is_update_step``); the base
+A subclass says *which* masks (``initial_masks``, ``compute_masks``) and *when* (``is_update_step``); the base
 selects the parameters, checks every argument before training, installs masks in the module's shared
 :class:`~sparse_lightning.core.masks.MaskSet`, keeps masked weights at exactly zero through every optimizer step,
 zeroes the optimizer state of pruned entries, keeps ranks identical under DDP, logs, and saves and restores its
@@ -112,9 +112,9 @@ class SparsityCallback(pl.Callback):
     def resolve_schedule(self, trainer: pl.Trainer) -> None:
         """Turn time arguments into optimizer steps once the number of training steps is known."""
 
-    def initial_mask(self, name: str, param: Tensor) -> Tensor | None:
-        """The mask installed at ``setup`` for a parameter that has none yet (None: keep everything)."""
-        return None
+    def initial_masks(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Masks installed at ``setup`` for the selected parameters that have none yet (missing: keep everything)."""
+        return {}
 
     def is_update_step(self, step: int) -> bool:
         return False
@@ -163,12 +163,9 @@ class SparsityCallback(pl.Callback):
             )
         names = select_parameters(pl_module, self.include, self.exclude)
         params = dict(pl_module.named_parameters())
-        self.validate(trainer, pl_module, {n: params[n] for n in names})
-        initial = {}
-        existing = MaskSet.of(pl_module)
-        for name in names:
-            if name not in existing:
-                initial[name] = self.initial_mask(name, params[name])
+        selected = {n: params[n] for n in names}
+        self.validate(trainer, pl_module, selected)
+        initial = self.initial_masks(selected)
         self._module, self.names, self.last_update_step = pl_module, names, -1
         for name in names:
             self.mask_set.add(name, params[name], initial.get(name))

@@ -12,10 +12,9 @@ from torch import Tensor
 
 from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time, skip_optimizer_step
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
+from sparse_lightning.core.distribution import check_distribution, random_masks
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
 from sparse_lightning.core.growth import cosine_drop_fraction, drop_and_grow
-from sparse_lightning.core.patterns import parse_pattern
 from sparse_lightning.core.schedules import TimeValue, parse_time
 
 DECAYS = ("cosine", "constant")
@@ -65,31 +64,15 @@ class DynamicSparseTraining(SparsityCallback):
         self.every_spec = parse_time(every, "every", allow_zero=False)
         self.start_step = self.end_step = self.every_steps = None
         self.generator = torch.Generator().manual_seed(seed)
-        self._initial: dict[str, Tensor] = {}
 
     @property
     def current_target(self) -> float | None:
         return self.sparsity
 
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
-        if self.distribution != "global":
-            layer_densities({n: p.shape for n, p in params.items()}, self.sparsity, self.distribution)
-
-    def initial_mask(self, name: str, param: Tensor) -> Tensor | None:
-        return self._initial.get(name)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.generator.manual_seed(self.seed)
-            params = dict(pl_module.named_parameters())
-            from sparse_lightning.core.targets import select_parameters
-
-            names = select_parameters(pl_module, self.include, self.exclude)
-            scores = {n: torch.rand(params[n].shape, generator=self.generator) for n in names}
-            pruned = pruned_units(scores, parse_pattern("unstructured"), self.sparsity, self.distribution)
-            self._initial = {n: ~pruned[n].view(scores[n].shape) for n in names}
-        super().setup(trainer, pl_module, stage)
-        self._initial = {}
+    def initial_masks(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        self.generator.manual_seed(self.seed)
+        shapes = {n: p.shape for n, p in params.items()}
+        return random_masks(shapes, self.sparsity, self.distribution, self.generator)
 
     def resolve_schedule(self, trainer: pl.Trainer) -> None:
         total = trainer.estimated_stepping_batches
@@ -174,7 +157,9 @@ class SET(DynamicSparseTraining):
 
     The same drop-and-grow loop as :class:`RigL` with random growth (uniform scores from the saved generator), a
     constant drop fraction ``alpha`` (the paper's zeta = 0.3) and Erdos-Renyi layer densities by default. The
-    optimizer step is taken on update steps, as in the reference's SET.
+    optimizer step is taken on update steps, as in the reference's SET; deliberate difference: the reference updates
+    the mask after that step, here it is updated just before it (in ``on_before_optimizer_step``, like every
+    method), so the step already uses the new mask.
     """
 
     def __init__(

@@ -12,11 +12,9 @@ from torch import Tensor
 
 from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.distribution import check_distribution, pruned_units, smallest
+from sparse_lightning.core.distribution import check_distribution, random_masks, smallest
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
-from sparse_lightning.core.patterns import parse_pattern
 from sparse_lightning.core.schedules import TimeValue, parse_time
-from sparse_lightning.core.targets import select_parameters
 
 
 @register("gap")
@@ -62,7 +60,6 @@ class GaP(SparsityCallback):
         self.generator = torch.Generator().manual_seed(seed)
         self.start_step = self.phase_steps = None
         self.prune_counts: dict[str, int] = {}
-        self._initial: dict[str, Tensor] = {}
 
     @property
     def current_target(self) -> float | None:
@@ -75,22 +72,16 @@ class GaP(SparsityCallback):
     def part_of(self, name: str) -> int:
         return self.names.index(name) % self.parts
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            names = select_parameters(pl_module, self.include, self.exclude)
-            if self.parts > len(names):
-                raise ConfigError(f"`parts`={self.parts} is more than the {len(names)} selected parameters.")
-            self.generator.manual_seed(self.seed)
-            params = dict(pl_module.named_parameters())
-            scores = {n: torch.rand(params[n].shape, generator=self.generator) for n in names}
-            pruned = pruned_units(scores, parse_pattern("unstructured"), self.sparsity, self.distribution)
-            self.prune_counts = {n: int(pruned[n].sum()) for n in names}
-            self._initial = {n: ~pruned[n].view(params[n].shape) for n in names}
-        super().setup(trainer, pl_module, stage)
-        self._initial = {}
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
+        if self.parts > len(params):
+            raise ConfigError(f"`parts`={self.parts} is more than the {len(params)} selected parameters.")
 
-    def initial_mask(self, name: str, param: Tensor) -> Tensor | None:
-        return self._initial.get(name)
+    def initial_masks(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        self.generator.manual_seed(self.seed)
+        shapes = {n: p.shape for n, p in params.items()}
+        masks = random_masks(shapes, self.sparsity, self.distribution, self.generator)
+        self.prune_counts = {n: int((~m).sum()) for n, m in masks.items()}
+        return masks
 
     def resolve_schedule(self, trainer: pl.Trainer) -> None:
         start = resolve_time(trainer, self.start_spec, "start")

@@ -197,5 +197,5 @@ class ConstantMask(SparsityCallback):
     def current_target(self) -> float | None:
         return self.mask_set.sparsity(self.names) if self._module is not None and self.names else None
 
-    def initial_mask(self, name: str, param: Tensor) -> Tensor | None:
-        return param.detach() != 0
+    def initial_masks(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: p.detach() != 0 for n, p in params.items()}

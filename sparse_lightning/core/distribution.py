@@ -192,6 +192,19 @@ def pruned_units(
     return result
 
 
+def random_masks(
+    shapes: Mapping[str, torch.Size], sparsity: float, distribution: str, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Random keep masks (True = kept) that reach ``sparsity`` exactly under ``distribution``.
+
+    Scores are uniform draws from ``generator`` (on the CPU, in ``shapes`` order), so a seeded generator gives the
+    same masks on every rank and after every resume.
+    """
+    scores = {n: torch.rand(s, generator=generator) for n, s in shapes.items()}
+    pruned = pruned_units(scores, Pattern("unstructured"), sparsity, distribution)
+    return {n: ~pruned[n].view(shapes[n]) for n in shapes}
+
+
 def smallest(values: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` smallest entries of a 1-D tensor; ties at the threshold go to the lower index.
 
