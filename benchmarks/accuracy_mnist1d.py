@@ -52,10 +52,12 @@ def run(config: dict) -> dict:
             )
         )
     elif config["method"] in DST:
-        from sparse_lightning import SET, SNIP, GaP, RigL
+        from sparse_lightning import SET, SNIP, GaP, RigL, StaticRandomMask
 
         name = config["method"]
-        if name == "gap":
+        if name == "static-erk":
+            callbacks.append(StaticRandomMask(sparsity=sparsity, seed=config["seed"], log_sparsity=False))
+        elif name == "gap":
             phase = f"{max(1, epochs // 40)}ep"
             callbacks.append(
                 GaP(sparsity=sparsity, parts=4, phase=phase, cycles=2, seed=config["seed"], log_sparsity=False)
@@ -90,7 +92,7 @@ def run(config: dict) -> dict:
     return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds}
 
 
-DST = ("rigl-erk", "rigl-uniform", "set", "snip", "gap")
+DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "snip", "gap")
 METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", *DST)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
@@ -163,6 +165,7 @@ LABELS = {
     "gmp-global": "`GradualMagnitudePruning`, global",
     "gmp-erk": "`GradualMagnitudePruning`, ERK",
     "gmp-uniform": "`GradualMagnitudePruning`, uniform",
+    "static-erk": "`StaticRandomMask`, ERK (random mask, never updated)",
     "rigl-erk": "`RigL`, ERK (defaults: every 100 steps, alpha 0.3, end 75%)",
     "rigl-uniform": "`RigL`, uniform",
     "set": "`SET`, ER (defaults)",

@@ -9,6 +9,7 @@ from sparse_lightning.callbacks import (
     RigL,
     SparsityCallback,
     SparsityMonitor,
+    StaticRandomMask,
 )
 from sparse_lightning.core.masks import masks_of
 from sparse_lightning.recipes import load_recipe
@@ -24,6 +25,7 @@ __all__ = [
     "SNIP",
     "SparsityCallback",
     "SparsityMonitor",
+    "StaticRandomMask",
     "load_recipe",
     "masks_of",
 ]

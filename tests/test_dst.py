@@ -8,7 +8,8 @@ from helpers import QUIET, TinyNet, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_gradual import ResumeProbe, StopAfter
 
-from sparse_lightning import SET, RigL, masks_of
+from sparse_lightning import SET, RigL, StaticRandomMask, masks_of
+from sparse_lightning.core.distribution import erk_densities
 from sparse_lightning.core.growth import cosine_drop_fraction, drop_and_grow
 
 
@@ -240,3 +241,34 @@ def test_rigl_masks_under_mixed_precision_equal_fp32(precision):
     assert not torch.equal(masks["32-true"], initial["fc.weight"]), "the update changed nothing"
     assert torch.equal(masks["32-true"], masks[precision])
     assert int(masks["32-true"].sum()) == 16
+
+
+class MaskRecorder(pl.Callback):
+    def __init__(self):
+        self.masks = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.masks.append({n: m.clone() for n, m in masks_of(pl_module).items()})
+
+
+def test_static_random_mask_is_exact_erk_fixed_and_seeded():
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(0)
+        model, recorder = TinyNet("adam", lr=0.01), MaskRecorder()
+        callback = StaticRandomMask(sparsity=0.8, seed=seed, log_sparsity=False)
+        pl.Trainer(max_epochs=2, callbacks=[callback, recorder], **QUIET).fit(model, tiny_loader())
+        runs.append(recorder.masks)
+        first = recorder.masks[0]
+        assert all(torch.equal(m[n], first[n]) for m in recorder.masks for n in first)
+        params = dict(model.named_parameters())
+        for name, mask in first.items():
+            assert torch.all(params[name][~mask] == 0), name
+        total = sum(m.numel() for m in first.values())
+        assert total - sum(int(m.sum()) for m in first.values()) == round(0.8 * total)
+        densities = erk_densities({n: params[n].shape for n in first}, 0.8)
+        for name, mask in first.items():
+            assert abs(mask.float().mean().item() - densities[name]) <= 1.5 / mask.numel(), name
+    same = all(torch.equal(runs[0][0][n], runs[1][0][n]) for n in runs[0][0])
+    differs = any(not torch.equal(runs[0][0][n], runs[2][0][n]) for n in runs[0][0])
+    assert same and differs

@@ -1,7 +1,7 @@
 """Lightning callbacks, one file per method, all on :class:`~sparse_lightning.callbacks.base.SparsityCallback`."""
 
 from sparse_lightning.callbacks.base import SparsityCallback
-from sparse_lightning.callbacks.dst import SET, RigL
+from sparse_lightning.callbacks.dst import SET, RigL, StaticRandomMask
 from sparse_lightning.callbacks.gap import GaP
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
@@ -18,5 +18,6 @@ __all__ = [
     "SNIP",
     "SparsityCallback",
     "SparsityMonitor",
+    "StaticRandomMask",
     "register",
 ]

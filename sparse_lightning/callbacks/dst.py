@@ -1,4 +1,4 @@
-"""Dynamic sparse training: RigL (Evci et al. 2020) and SET (Mocanu et al. 2018)."""
+"""Sparse training from a random mask: RigL (Evci et al. 2020), SET (Mocanu et al. 2018) and the static baseline."""
 
 from __future__ import annotations
 
@@ -123,6 +123,47 @@ class DynamicSparseTraining(SparsityCallback):
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+
+@register("static_random")
+class StaticRandomMask(SparsityCallback):
+    """Static sparse training: a random mask at ``sparsity`` fixed for all of training.
+
+    The "Static" baseline of Evci et al. 2020 (and of Mocanu et al. 2018): the same random initial mask as
+    :class:`RigL` / :class:`SET` (``distribution`` densities with exact totals, from a ``torch.Generator`` seeded with
+    ``seed``), never updated. Same seed, same mask: on every DDP rank and after resume.
+
+    Args:
+        sparsity: fraction of zeros over the selected weights, in [0, 1).
+        distribution: ``"erk"`` (default), ``"er"`` or ``"uniform"`` layer densities.
+        seed: seed of the mask's generator.
+        include, exclude: parameter-name patterns; see :mod:`sparse_lightning.core.targets`.
+        log_sparsity: log through the shared helper.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        seed: int = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.distribution = check_distribution(distribution)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigTypeError(f"`seed` must be an int, got {seed!r}.")
+        self.seed = seed
+
+    @property
+    def current_target(self) -> float | None:
+        return self.sparsity
+
+    def initial_masks(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        shapes = {n: p.shape for n, p in params.items()}
+        return random_masks(shapes, self.sparsity, self.distribution, torch.Generator().manual_seed(self.seed))
 
 
 @register("rigl")
