@@ -1,0 +1,337 @@
+"""M-FAC: matrix-free inverse-Fisher-vector products (Frantar, Kurtic & Alistarh, NeurIPS 2021, arXiv:2107.03356).
+
+The damped empirical Fisher of m gradients g_1..g_m (the rows of G, m x d) is
+
+    F = damp * I + (1/m) * G^T G.
+
+With the m x m matrix K = m * damp * I + G G^T, Woodbury gives
+
+    F^-1 x = (x - G^T K^-1 G x) / damp,          [F^-1]_qq = (1 - G[:, q]^T K^-1 G[:, q]) / damp,
+
+the same products as the paper's recursion (its v_k / d_k are the columns of a triangular factorization of K^-1),
+at the cost of two products with the window (G x, then G^T c) and m x m algebra.
+
+Precision. For a gradient inside the window the two terms of F^-1 g nearly cancel (their ratio is about
+(|g|^2 / m) / damp, 1e6 and more in practice), so float32 arithmetic loses everything. Here the m x m algebra is
+done in float64, and:
+
+- ``SlidingInverseFisher.update_ihvp(g)`` (the preconditioner's path) uses the cancellation-free form for the
+  gradient just pushed as row k: F^-1 g_k = m * G^T K^-1 e_k, one product with the window, no subtraction;
+- ``ihvp(x)`` for any x forms G x and x - G^T c with float64 accumulation (in chunks, never a float64 copy of the
+  whole window); it is exact to float64 for a ``StaticInverseFisher`` and for a float64 window. A float32
+  ``SlidingInverseFisher`` keeps K from float32 products, so its ``ihvp`` of a vector inside the window's span is
+  only as good as float32 allows; ``update_ihvp`` is the accurate path for that case.
+
+Block-diagonal mode (``block_size=B``): the coordinates are split into consecutive blocks of B (the last one padded
+with zeros) and each block gets its own m x m system, as in the reference's blocked pruner; memory m x d for the
+window plus 2 * (d / B) * m^2 float64 values for the systems.
+
+Memory of a window: m x d values of its dtype (float32 by default), plus O(m^2) float64 values (O(d m^2 / B) with
+blocks); a window that does not fit the device's free memory is refused before it is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+
+CHUNK = 1 << 22  # float64 values per chunk of a window product (32 MiB)
+
+
+def _check_damp(damp: float) -> float:
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+        raise ConfigError(f"`damp` must be a finite number > 0, got {damp!r}.")
+    return float(damp)
+
+
+def _check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigTypeError(f"`{name}` must be an int, got {value!r}.")
+    if value < 1:
+        raise ConfigError(f"`{name}` must be >= 1, got {value}.")
+    return value
+
+
+def _layout(dim: int, block_size: int | None) -> tuple[int, int]:
+    """(number of blocks, block length) for ``dim`` coordinates; one block when ``block_size`` is None."""
+    if block_size is None or block_size >= dim:
+        return 1, dim
+    return math.ceil(dim / block_size), block_size
+
+
+def _split(x: Tensor, blocks: int, length: int) -> Tensor:
+    """A d-vector as (blocks, length), zero-padded at the end."""
+    pad = blocks * length - x.numel()
+    return (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(blocks, length)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the CUDA allocator's view, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(num_grads: int, dim: int, blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a window of ``num_grads`` x ``dim`` values that would not fit the free memory of ``device``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = num_grads * dim * itemsize + 2 * blocks * num_grads**2 * 8
+    free = free_memory(device)
+    if need > 0.9 * free:
+        raise ConfigError(
+            f"An M-FAC window of {num_grads} gradients x {dim:,} coordinates ({dtype}) needs {need / 2**30:.2f} GiB, "
+            f"but {device} has {free / 2**30:.2f} GiB free: lower `num_grads` or select fewer parameters."
+        )
+
+
+def _chunks(length: int, rows: int) -> range:
+    step = max(1, CHUNK // max(1, rows))
+    return range(0, length, step)
+
+
+def _window_matvec64(window: Tensor, xb: Tensor) -> Tensor:
+    """G x per block, accumulated in float64: (blocks, m)."""
+    blocks, m, length = window.shape
+    out = torch.zeros(blocks, m, dtype=torch.float64, device=window.device)
+    step = max(1, CHUNK // max(1, blocks * m))
+    for a in range(0, length, step):
+        g = window[:, :, a : a + step].double()
+        out += torch.bmm(g, xb[:, a : a + step].double().unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _residual64(window: Tensor, coef: Tensor, xb: Tensor) -> Tensor:
+    """x - G^T c per block, in float64: (blocks, length)."""
+    blocks, m, length = window.shape
+    out = xb.double().clone()
+    step = max(1, CHUNK // max(1, blocks * m))
+    for a in range(0, length, step):
+        g = window[:, :, a : a + step].double()
+        out[:, a : a + step] -= torch.bmm(coef.unsqueeze(1), g).squeeze(1)
+    return out
+
+
+def _gram64(window: Tensor) -> Tensor:
+    """G G^T per block with float64 accumulation: (blocks, m, m)."""
+    blocks, m, length = window.shape
+    out = torch.zeros(blocks, m, m, dtype=torch.float64, device=window.device)
+    step = max(1, CHUNK // max(1, blocks * m))
+    for a in range(0, length, step):
+        g = window[:, :, a : a + step].double()
+        out += g @ g.transpose(1, 2)
+    return out
+
+
+class StaticInverseFisher:
+    """F^-1 for a fixed set of gradients: ``StaticInverseFisher(grads, damp).ihvp(x)`` and ``.diag()``.
+
+    Args:
+        grads: the m x d gradient matrix G (float32 or float64, any device); kept as a view, not copied (unless
+            d is not a multiple of ``block_size``: then a zero-padded copy).
+        damp: the dampening lambda of F = lambda * I + (1/m) G^T G (the paper's default 1e-5).
+        block_size: if set, F is block-diagonal over consecutive blocks of this many coordinates.
+
+    Built in O(m^2 d) with float64 accumulation (a Cholesky factor of K per block); ``ihvp`` costs two products
+    with G, ``diag`` O(m^2 d).
+    """
+
+    def __init__(self, grads: Tensor, damp: float = 1e-5, block_size: int | None = None) -> None:
+        if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.numel() == 0:
+            raise ConfigError(f"`grads` must be a non-empty m x d tensor, got {getattr(grads, 'shape', grads)!r}.")
+        if not grads.is_floating_point():
+            raise ConfigTypeError(f"`grads` must be floating point, got {grads.dtype}.")
+        if not torch.isfinite(grads).all():
+            raise ConfigError("`grads` holds NaN or infinite values.")
+        self.damp = _check_damp(damp)
+        _check_count("block_size", block_size, allow_none=True)
+        self.num_grads, self.dim = grads.shape
+        self.blocks, self.length = _layout(self.dim, block_size)
+        pad = self.blocks * self.length - self.dim
+        padded = torch.nn.functional.pad(grads, (0, pad)) if pad else grads
+        self.window = padded.view(self.num_grads, self.blocks, self.length).transpose(0, 1)
+        eye = torch.eye(self.num_grads, dtype=torch.float64, device=grads.device)
+        self.factor = torch.linalg.cholesky(_gram64(self.window) + self.num_grads * self.damp * eye)
+
+    def ihvp(self, x: Tensor) -> Tensor:
+        """F^-1 x for a d-vector, in x's dtype."""
+        xb = _split(x.reshape(-1), self.blocks, self.length)
+        coef = torch.cholesky_solve(_window_matvec64(self.window, xb).unsqueeze(-1), self.factor).squeeze(-1)
+        out = _residual64(self.window, coef, xb) / self.damp
+        return out.reshape(-1)[: self.dim].to(x.dtype)
+
+    def diag(self) -> Tensor:
+        """The diagonal of F^-1 (a d-vector, float64)."""
+        out = torch.empty(self.blocks, self.length, dtype=torch.float64, device=self.window.device)
+        step = max(1, CHUNK // max(1, self.blocks * self.num_grads))
+        for a in range(0, self.length, step):
+            g = self.window[:, :, a : a + step].double()
+            w = torch.linalg.solve_triangular(self.factor, g, upper=False)
+            out[:, a : a + step] = (1.0 - w.square().sum(1)) / self.damp
+        return out.reshape(-1)[: self.dim]
+
+
+class SlidingInverseFisher:
+    """F^-1 over a sliding window of the last ``num_grads`` gradients (the M-FAC optimizer's dynamic algorithm).
+
+    ``update(g)`` replaces the oldest gradient (zeros until ``num_grads`` have arrived, as in the reference);
+    ``update_ihvp(g)`` does that and returns F^-1 g; ``ihvp(x)`` multiplies any vector.
+
+    Per update: the two window products (G g for K's new row, G^T y for the result) and O(m^2) float64 work — K^-1
+    is kept and changed by a rank-two downdate/update when row k is replaced (refreshed from a Cholesky factor of
+    K every ``num_grads`` updates, so rounding cannot drift), never refactored per step.
+
+    Args:
+        dim: d, the number of coordinates.
+        num_grads: m, the window length (the paper uses 1024).
+        damp: lambda (the paper's default 1e-5).
+        device, dtype: of the window (float32 by default; the m x m algebra is float64 regardless).
+        block_size: block-diagonal F over blocks of this many coordinates.
+
+    Memory: ``num_grads * dim`` values of ``dtype`` plus 2 * blocks * m^2 float64; refused with a ``ValueError``
+    when that does not fit the device's free memory.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_grads: int,
+        damp: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        block_size: int | None = None,
+    ) -> None:
+        self.dim = _check_count("dim", dim)
+        self.num_grads = _check_count("num_grads", num_grads)
+        self.damp = _check_damp(damp)
+        _check_count("block_size", block_size, allow_none=True)
+        self.dtype = dtype or torch.float32
+        if not self.dtype.is_floating_point:
+            raise ConfigTypeError(f"`dtype` must be a floating-point dtype, got {self.dtype}.")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.blocks, self.length = _layout(self.dim, block_size)
+        check_fits(self.num_grads, self.blocks * self.length, self.blocks, self.dtype, self.device)
+        m = self.num_grads
+        self.window = torch.zeros(self.blocks, m, self.length, dtype=self.dtype, device=self.device)
+        eye = torch.eye(m, dtype=torch.float64, device=self.device).expand(self.blocks, m, m)
+        self.gram = (m * self.damp) * eye.clone()
+        self.inverse = eye / (m * self.damp)
+        self.position = 0
+        self.updates = 0
+
+    def update(self, g: Tensor) -> None:
+        """Replace the oldest gradient of the window with ``g``."""
+        self._push(g)
+
+    def update_ihvp(self, g: Tensor) -> Tensor:
+        """Push ``g`` into the window, then return F^-1 g (cancellation-free: m * G^T K^-1 e_k)."""
+        k = self._push(g)
+        coef = (self.num_grads * self.inverse[:, :, k]).to(self.dtype)
+        out = torch.bmm(coef.unsqueeze(1), self.window).squeeze(1)
+        return out.reshape(-1)[: self.dim].to(g.dtype)
+
+    def ihvp(self, x: Tensor) -> Tensor:
+        """F^-1 x for any d-vector (float64 accumulation; see the module docstring on precision)."""
+        xb = _split(x.reshape(-1).to(self.device), self.blocks, self.length)
+        coef = torch.bmm(self.inverse, _window_matvec64(self.window, xb).unsqueeze(-1)).squeeze(-1)
+        out = _residual64(self.window, coef, xb) / self.damp
+        return out.reshape(-1)[: self.dim].to(x.dtype)
+
+    def _push(self, g: Tensor) -> int:
+        if g.numel() != self.dim:
+            raise ConfigError(f"A gradient of {g.numel()} values does not match the window's dim {self.dim}.")
+        k, m = self.position, self.num_grads
+        gb = _split(g.reshape(-1).to(device=self.device, dtype=self.dtype), self.blocks, self.length)
+        self.window[:, k] = gb
+        column = torch.bmm(self.window, gb.unsqueeze(-1)).squeeze(-1).double()
+        column[:, k] += m * self.damp
+        self.gram[:, k, :] = column
+        self.gram[:, :, k] = column
+        self.updates += 1
+        if self.updates % m == 0:
+            self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(self.gram))
+        else:
+            self.inverse = _replace_row(self.inverse, column, k)
+        self.position = (k + 1) % m
+        return k
+
+    def state_dict(self) -> dict:
+        """Tensors and ints only (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "window": self.window,
+            "gram": self.gram,
+            "inverse": self.inverse,
+            "position": self.position,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["window"].shape) != tuple(self.window.shape):
+            raise ConfigError(
+                f"The saved M-FAC window has shape {tuple(state['window'].shape)}, this one "
+                f"{tuple(self.window.shape)}: use the same `num_grads`, `block_size` and parameters."
+            )
+        self.window.copy_(state["window"])
+        self.gram = state["gram"].to(self.device, torch.float64).clone()
+        self.inverse = state["inverse"].to(self.device, torch.float64).clone()
+        self.position, self.updates = int(state["position"]), int(state["updates"])
+
+    def clear_coordinates(self, coordinates: Tensor) -> None:
+        """Remove coordinates (a bool d-vector) from the window: their columns become 0 and K^-1 is refreshed.
+
+        Used when weights are pruned (sparse M-FAC): F then splits into the kept coordinates and damp * I, so
+        products over the kept coordinates are those of the Fisher restricted to them.
+        """
+        cols = _split(coordinates.reshape(-1).to(self.device), self.blocks, self.length)
+        if not cols.any():
+            return
+        removed = self.window * cols.unsqueeze(1)
+        self.gram -= _gram64(removed)
+        self.window.masked_fill_(cols.unsqueeze(1), 0)
+        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(self.gram))
+
+
+def _replace_row(inverse: Tensor, column: Tensor, k: int) -> Tensor:
+    """K^-1 after row and column k of K are replaced by ``column`` (per block), in O(m^2).
+
+    Downdate: P = K^-1 - w w^T / w_k (w = K^-1 e_k) is the inverse of K without index k (zero at k). Update with
+    the new column a: b = P a, s = a_k - a^T b (a_k the diagonal entry, b_k = 0), v = b - e_k; K'^-1 = P + v v^T / s.
+    """
+    w = inverse[:, :, k]
+    p = inverse - w.unsqueeze(2) * w.unsqueeze(1) / w[:, k, None, None]
+    b = torch.bmm(p, column.unsqueeze(-1)).squeeze(-1)
+    s = column[:, k] - (column * b).sum(1)
+    b[:, k] = -1.0
+    return p + b.unsqueeze(2) * b.unsqueeze(1) / s[:, None, None]
+
+
+def obs_saliency(weights: Tensor, inverse_diag: Tensor) -> Tensor:
+    """OBS saliency w_q^2 / (2 [F^-1]_qq): the predicted loss increase of removing w_q alone (Hassibi & Stork)."""
+    return weights.double().square() / (2.0 * inverse_diag.double())
+
+
+def obs_update(
+    fisher: StaticInverseFisher | SlidingInverseFisher, weights: Tensor, pruned: Tensor, inverse_diag: Tensor
+) -> Tensor:
+    """The weight change dw = -F^-1 sum_q (w_q / [F^-1]_qq) e_q over the ``pruned`` coordinates (WoodFisher / M-FAC).
+
+    For one pruned weight (or one per block of a block-diagonal F) this is the exact OBS update: it sets w_q to 0
+    and changes the quadratic model of the loss by the saliency. For several, the per-weight updates are summed as
+    in the reference; the caller then sets the pruned weights to exactly 0.
+    """
+    x = torch.zeros_like(weights, dtype=torch.float64)
+    x[pruned] = weights.double()[pruned] / inverse_diag.double()[pruned]
+    return -fisher.ihvp(x)

@@ -1,0 +1,161 @@
+"""Exactness of the M-FAC products against explicitly formed and inverted Fisher matrices (float64)."""
+
+import pytest
+import torch
+
+from sparse_lightning.mfac import SlidingInverseFisher, StaticInverseFisher, obs_saliency, obs_update
+
+D, M, DAMP = 1000, 64, 1e-5
+
+
+def explicit_inverse(grads: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    grads = grads.double()
+    fisher = damp * torch.eye(grads.shape[1], dtype=torch.float64) + grads.T @ grads / grads.shape[0]
+    return torch.linalg.inv(fisher)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def grads():
+    # (|g|^2 / m) / damp = 1e3: F's condition number stays near 1e4, so the explicit inverse itself is good to ~1e-12
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(M, D, dtype=torch.float64, generator=generator) * (1e3 * DAMP * M / D) ** 0.5
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_static_ihvp_and_diag_equal_the_explicit_inverse(grads, m):
+    inverse = explicit_inverse(grads[:m])
+    fisher = StaticInverseFisher(grads[:m], DAMP)
+    x = torch.randn(D, dtype=torch.float64)
+    assert rel(fisher.ihvp(x), inverse @ x) < 1e-10
+    assert rel(fisher.ihvp(grads[m - 1]), inverse @ grads[m - 1]) < 1e-10
+    assert rel(fisher.diag(), inverse.diagonal()) < 1e-10
+
+
+def test_sliding_window_after_more_than_m_updates_equals_static_on_the_last_m(grads):
+    extra = torch.randn(2 * M + 7, D, dtype=torch.float64) * grads.std()
+    window = SlidingInverseFisher(D, M, DAMP, dtype=torch.float64)
+    for g in extra[:-1]:
+        window.update(g)
+    product = window.update_ihvp(extra[-1])
+    last = extra[-M:]
+    inverse = explicit_inverse(last)
+    assert rel(product, inverse @ extra[-1]) < 1e-10
+    x = torch.randn(D, dtype=torch.float64)
+    assert rel(window.ihvp(x), StaticInverseFisher(last, DAMP).ihvp(x)) < 1e-10
+    assert rel(window.ihvp(x), inverse @ x) < 1e-10
+
+
+def test_a_partly_filled_window_counts_the_missing_gradients_as_zeros(grads):
+    window = SlidingInverseFisher(D, M, DAMP, dtype=torch.float64)
+    for g in grads[:10]:
+        window.update(g)
+    padded = torch.cat([grads[:10], torch.zeros(M - 10, D, dtype=torch.float64)])
+    x = torch.randn(D, dtype=torch.float64)
+    assert rel(window.ihvp(x), explicit_inverse(padded) @ x) < 1e-10
+
+
+@pytest.mark.parametrize("block_size", [100, 300])
+def test_block_diagonal_mode_equals_per_block_explicit_inverses(grads, block_size):
+    blocked = torch.zeros(D, D, dtype=torch.float64)
+    for a in range(0, D, block_size):
+        blocked[a : a + block_size, a : a + block_size] = explicit_inverse(grads[:, a : a + block_size])
+    x = torch.randn(D, dtype=torch.float64)
+    static = StaticInverseFisher(grads, DAMP, block_size=block_size)
+    assert rel(static.ihvp(x), blocked @ x) < 1e-10
+    assert rel(static.diag(), blocked.diagonal()) < 1e-10
+    window = SlidingInverseFisher(D, M, DAMP, dtype=torch.float64, block_size=block_size)
+    for g in grads[:-1]:
+        window.update(g)
+    assert rel(window.update_ihvp(grads[-1]), blocked @ grads[-1]) < 1e-10
+
+
+def test_float32_window_is_accurate_for_the_gradient_just_pushed():
+    """(|g|^2 / m) / damp = 1e6: the float32 reference path loses ~30%; the bound here is 1e-3."""
+    scale = (1e6 * DAMP * M / D) ** 0.5
+    stream = torch.randn(M + 20, D, generator=torch.Generator().manual_seed(1)) * scale
+    window = SlidingInverseFisher(D, M, DAMP)
+    assert window.window.dtype == torch.float32
+    for g in stream[:-1]:
+        window.update(g)
+    product = window.update_ihvp(stream[-1])
+    assert product.dtype == torch.float32
+    assert rel(product, explicit_inverse(stream[-M:]) @ stream[-1].double()) < 1e-3
+
+
+def test_clearing_coordinates_gives_the_fisher_of_the_kept_ones(grads):
+    kept = torch.rand(D, generator=torch.Generator().manual_seed(2)) > 0.3
+    window = SlidingInverseFisher(D, M, DAMP, dtype=torch.float64)
+    for g in grads:
+        window.update(g)
+    window.clear_coordinates(~kept)
+    inverse = explicit_inverse(grads[:, kept])
+    x = torch.randn(D, dtype=torch.float64) * kept
+    assert rel(window.ihvp(x)[kept], inverse @ x[kept]) < 1e-10
+    assert torch.all(window.ihvp(x)[~kept] == 0)
+    g = torch.randn(D, dtype=torch.float64) * grads.std() * kept
+    expected = explicit_inverse(torch.cat([grads[1:, kept], g[kept][None]])) @ g[kept]
+    assert rel(window.update_ihvp(g)[kept], expected) < 1e-10
+
+
+def test_state_dict_round_trip_continues_identically(grads):
+    a = SlidingInverseFisher(D, 8, DAMP, dtype=torch.float64)
+    for g in grads[:11]:
+        a.update(g)
+    b = SlidingInverseFisher(D, 8, DAMP, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    for g in grads[11:20]:
+        assert torch.equal(a.update_ihvp(g), b.update_ihvp(g))
+
+
+@pytest.mark.parametrize("block_size", [None, 250])
+def test_obs_on_a_quadratic_zeroes_the_weight_and_costs_the_predicted_saliency(grads, block_size):
+    """L(w) = 1/2 (w - w0)^T F (w - w0) with F the M-FAC Fisher: pruning w_q from the minimum w0 with the OBS update
+    leaves w_q = 0 and raises L by w_q^2 / (2 [F^-1]_qq). With blocks, one weight per block is pruned at once."""
+    fisher = StaticInverseFisher(grads, DAMP, block_size=block_size)
+    dense = torch.linalg.inv(explicit_inverse(grads)) if block_size is None else None
+    if dense is None:
+        dense = torch.zeros(D, D, dtype=torch.float64)
+        for a in range(0, D, block_size):
+            g = grads[:, a : a + block_size]
+            dense[a : a + block_size, a : a + block_size] = DAMP * torch.eye(g.shape[1]) + g.T @ g / M
+    w0 = torch.randn(D, dtype=torch.float64)
+    diag = fisher.diag()
+    saliency = obs_saliency(w0, diag)
+    pruned = torch.zeros(D, dtype=torch.bool)
+    if block_size is None:
+        pruned[int(saliency.argmin())] = True
+    else:
+        for a in range(0, D, block_size):
+            pruned[a + int(saliency[a : a + block_size].argmin())] = True
+    delta = obs_update(fisher, w0, pruned, diag)
+    assert torch.allclose((w0 + delta)[pruned], torch.zeros(int(pruned.sum()), dtype=torch.float64), atol=1e-9)
+    increase = 0.5 * delta @ dense @ delta
+    assert increase.item() == pytest.approx(saliency[pruned].sum().item(), rel=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: SlidingInverseFisher(10, 0), "`num_grads` must be >= 1"),
+        (lambda: SlidingInverseFisher(10, 4, damp=0.0), "`damp` must be a finite number > 0"),
+        (lambda: SlidingInverseFisher(10, 4, damp=-1.0), "`damp`"),
+        (lambda: SlidingInverseFisher(10, 4, block_size=0), "`block_size` must be >= 1"),
+        (lambda: SlidingInverseFisher(10, 4, block_size=2.5), "`block_size` must be an int"),
+        (lambda: SlidingInverseFisher(10**9, 10**5), r"needs .* GiB, but cpu has .* GiB free"),
+        (lambda: StaticInverseFisher(torch.ones(3)), "`grads` must be a non-empty m x d tensor"),
+        (lambda: StaticInverseFisher(torch.tensor([[1.0, float("nan")]])), "NaN or infinite"),
+    ],
+)
+def test_bad_input(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_a_gradient_of_the_wrong_size_is_refused():
+    window = SlidingInverseFisher(10, 4)
+    with pytest.raises(ValueError, match="does not match the window's dim 10"):
+        window.update(torch.ones(11))
