@@ -43,13 +43,13 @@ from sparse_lightning.core.errors import ConfigError, ConfigTypeError
 CHUNK = 1 << 22  # float64 values per chunk of a window product (32 MiB)
 
 
-def _check_damp(damp: float) -> float:
+def check_damp(damp: float) -> float:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
         raise ConfigError(f"`damp` must be a finite number > 0, got {damp!r}.")
     return float(damp)
 
 
-def _check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
+def check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -114,14 +114,13 @@ def _window_matvec64(window: Tensor, xb: Tensor) -> Tensor:
     return out
 
 
-def _residual64(window: Tensor, coef: Tensor, xb: Tensor) -> Tensor:
-    """x - G^T c per block, in float64: (blocks, length)."""
+def _window_rmatvec64(window: Tensor, coef: Tensor) -> Tensor:
+    """G^T c per block, accumulated in float64: (blocks, length)."""
     blocks, m, length = window.shape
-    out = xb.double().clone()
+    out = torch.empty(blocks, length, dtype=torch.float64, device=window.device)
     step = max(1, CHUNK // max(1, blocks * m))
     for a in range(0, length, step):
-        g = window[:, :, a : a + step].double()
-        out[:, a : a + step] -= torch.bmm(coef.unsqueeze(1), g).squeeze(1)
+        out[:, a : a + step] = torch.bmm(coef.unsqueeze(1), window[:, :, a : a + step].double()).squeeze(1)
     return out
 
 
@@ -156,8 +155,8 @@ class StaticInverseFisher:
             raise ConfigTypeError(f"`grads` must be floating point, got {grads.dtype}.")
         if not torch.isfinite(grads).all():
             raise ConfigError("`grads` holds NaN or infinite values.")
-        self.damp = _check_damp(damp)
-        _check_count("block_size", block_size, allow_none=True)
+        self.damp = check_damp(damp)
+        check_count("block_size", block_size, allow_none=True)
         self.num_grads, self.dim = grads.shape
         self.blocks, self.length = _layout(self.dim, block_size)
         pad = self.blocks * self.length - self.dim
@@ -170,7 +169,7 @@ class StaticInverseFisher:
         """F^-1 x for a d-vector, in x's dtype."""
         xb = _split(x.reshape(-1), self.blocks, self.length)
         coef = torch.cholesky_solve(_window_matvec64(self.window, xb).unsqueeze(-1), self.factor).squeeze(-1)
-        out = _residual64(self.window, coef, xb) / self.damp
+        out = (xb.double() - _window_rmatvec64(self.window, coef)) / self.damp
         return out.reshape(-1)[: self.dim].to(x.dtype)
 
     def diag(self) -> Tensor:
@@ -192,7 +191,10 @@ class SlidingInverseFisher:
 
     Per update: the two window products (G g for K's new row, G^T y for the result) and O(m^2) float64 work — K^-1
     is kept and changed by a rank-two downdate/update when row k is replaced (refreshed from a Cholesky factor of
-    K every ``num_grads`` updates, so rounding cannot drift), never refactored per step.
+    K every ``num_grads`` updates, so rounding cannot drift), never refactored per step. A float32 window computes
+    K's new row with float32 products while each new gradient keeps at least 1e-3 of its norm outside the span of
+    the others; the first time one does not (more gradients than coordinates, nearly collinear gradients), it
+    switches to float64-accumulated products for good (``exact``), since float32 would leave K^-1 wrong.
 
     Args:
         dim: d, the number of coordinates.
@@ -214,10 +216,10 @@ class SlidingInverseFisher:
         dtype: torch.dtype | None = None,
         block_size: int | None = None,
     ) -> None:
-        self.dim = _check_count("dim", dim)
-        self.num_grads = _check_count("num_grads", num_grads)
-        self.damp = _check_damp(damp)
-        _check_count("block_size", block_size, allow_none=True)
+        self.dim = check_count("dim", dim)
+        self.num_grads = check_count("num_grads", num_grads)
+        self.damp = check_damp(damp)
+        check_count("block_size", block_size, allow_none=True)
         self.dtype = dtype or torch.float32
         if not self.dtype.is_floating_point:
             raise ConfigTypeError(f"`dtype` must be a floating-point dtype, got {self.dtype}.")
@@ -231,6 +233,7 @@ class SlidingInverseFisher:
         self.inverse = eye / (m * self.damp)
         self.position = 0
         self.updates = 0
+        self.exact = self.dtype == torch.float64
 
     def update(self, g: Tensor) -> None:
         """Replace the oldest gradient of the window with ``g``."""
@@ -239,15 +242,19 @@ class SlidingInverseFisher:
     def update_ihvp(self, g: Tensor) -> Tensor:
         """Push ``g`` into the window, then return F^-1 g (cancellation-free: m * G^T K^-1 e_k)."""
         k = self._push(g)
-        coef = (self.num_grads * self.inverse[:, :, k]).to(self.dtype)
-        out = torch.bmm(coef.unsqueeze(1), self.window).squeeze(1)
+        coef = self.num_grads * self._unit_solve(k)
+        if self.exact:
+            out = _window_rmatvec64(self.window, coef)
+        else:
+            out = torch.bmm(coef.to(self.dtype).unsqueeze(1), self.window).squeeze(1)
         return out.reshape(-1)[: self.dim].to(g.dtype)
 
     def ihvp(self, x: Tensor) -> Tensor:
         """F^-1 x for any d-vector (float64 accumulation; see the module docstring on precision)."""
         xb = _split(x.reshape(-1).to(self.device), self.blocks, self.length)
-        coef = torch.bmm(self.inverse, _window_matvec64(self.window, xb).unsqueeze(-1)).squeeze(-1)
-        out = _residual64(self.window, coef, xb) / self.damp
+        rhs = _window_matvec64(self.window, xb).unsqueeze(-1)
+        coef = torch.cholesky_solve(rhs, torch.linalg.cholesky(self.gram)).squeeze(-1)
+        out = (xb.double() - _window_rmatvec64(self.window, coef)) / self.damp
         return out.reshape(-1)[: self.dim].to(x.dtype)
 
     def _push(self, g: Tensor) -> int:
@@ -256,17 +263,65 @@ class SlidingInverseFisher:
         k, m = self.position, self.num_grads
         gb = _split(g.reshape(-1).to(device=self.device, dtype=self.dtype), self.blocks, self.length)
         self.window[:, k] = gb
-        column = torch.bmm(self.window, gb.unsqueeze(-1)).squeeze(-1).double()
+        if self.exact:
+            column = _window_matvec64(self.window, gb)
+        else:
+            column = torch.bmm(self.window, gb.unsqueeze(-1)).squeeze(-1).double()
         column[:, k] += m * self.damp
         self.gram[:, k, :] = column
         self.gram[:, :, k] = column
         self.updates += 1
-        if self.updates % m == 0:
-            self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(self.gram))
+        inverse, schur = _replace_row(self.inverse, column, k)
+        if not self.exact and bool((schur < 1e-3 * column[:, k]).any()):
+            self._become_exact()
+        elif self.updates % m == 0:
+            factor, info = torch.linalg.cholesky_ex(self.gram)
+            if bool(info.any()):
+                self._become_exact()
+            else:
+                self.inverse = torch.cholesky_inverse(factor)
         else:
-            self.inverse = _replace_row(self.inverse, column, k)
+            self.inverse = inverse
         self.position = (k + 1) % m
         return k
+
+    def _unit_solve(self, k: int) -> Tensor:
+        """y = K^-1 e_k per block, from the kept K^-1 with two steps of iterative refinement against K.
+
+        Accepted when the result's residual in F, F r - g_k = G^T (K y - e_k) with r = m G^T y, is below 1e-12 of
+        |g_k| (its norm is computed in m-space: |G^T rho|^2 = rho^T (K - m damp I) rho); otherwise K^-1 has drifted
+        (an ill-conditioned K) and is refreshed from a Cholesky factor first.
+        """
+        unit = torch.zeros(self.blocks, self.num_grads, dtype=torch.float64, device=self.device)
+        unit[:, k] = 1.0
+        shift = self.num_grads * self.damp
+        for attempt in range(2):
+            y = self.inverse[:, :, k].clone()
+            for _ in range(2):
+                y -= _bmv(self.inverse, _bmv(self.gram, y) - unit)
+            rho = _bmv(self.gram, y) - unit
+            error = (rho * _bmv(self.gram, rho)).sum(1) - shift * rho.square().sum(1)
+            if attempt or bool((error <= 1e-24 * (self.gram[:, k, k] - shift).clamp_min(0)).all()):
+                return y
+            factor, info = torch.linalg.cholesky_ex(self.gram)
+            if bool(info.any()):
+                self._become_exact()
+            else:
+                self.inverse = torch.cholesky_inverse(factor)
+        return y
+
+    def _become_exact(self) -> None:
+        """Switch to float64-accumulated window products, rebuilding K and K^-1 from the window.
+
+        Taken once, when a new gradient is (numerically) almost inside the span of the window: its Schur complement
+        in K falls below 1e-3 of its squared norm, so float32 products would leave K^-1 with no correct digit (a
+        window longer than the number of coordinates, or nearly collinear gradients). Costs about twice the float32
+        product per update from then on.
+        """
+        self.exact = True
+        eye = torch.eye(self.num_grads, dtype=torch.float64, device=self.device)
+        self.gram = _gram64(self.window) + self.num_grads * self.damp * eye
+        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(self.gram))
 
     def state_dict(self) -> dict:
         """Tensors and ints only (loadable with ``torch.load(weights_only=True)``)."""
@@ -276,6 +331,7 @@ class SlidingInverseFisher:
             "inverse": self.inverse,
             "position": self.position,
             "updates": self.updates,
+            "exact": self.exact,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,7 +343,7 @@ class SlidingInverseFisher:
         self.window.copy_(state["window"])
         self.gram = state["gram"].to(self.device, torch.float64).clone()
         self.inverse = state["inverse"].to(self.device, torch.float64).clone()
-        self.position, self.updates = int(state["position"]), int(state["updates"])
+        self.position, self.updates, self.exact = int(state["position"]), int(state["updates"]), bool(state["exact"])
 
     def clear_coordinates(self, coordinates: Tensor) -> None:
         """Remove coordinates (a bool d-vector) from the window: their columns become 0 and K^-1 is refreshed.
@@ -301,11 +357,16 @@ class SlidingInverseFisher:
         removed = self.window * cols.unsqueeze(1)
         self.gram -= _gram64(removed)
         self.window.masked_fill_(cols.unsqueeze(1), 0)
-        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(self.gram))
+        factor, info = torch.linalg.cholesky_ex(self.gram)
+        if bool(info.any()):
+            self._become_exact()
+        else:
+            self.inverse = torch.cholesky_inverse(factor)
 
 
-def _replace_row(inverse: Tensor, column: Tensor, k: int) -> Tensor:
-    """K^-1 after row and column k of K are replaced by ``column`` (per block), in O(m^2).
+def _replace_row(inverse: Tensor, column: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """K^-1 after row and column k of K are replaced by ``column`` (per block), in O(m^2), and the Schur
+    complement s of the new entry (s >= m * damp in exact arithmetic).
 
     Downdate: P = K^-1 - w w^T / w_k (w = K^-1 e_k) is the inverse of K without index k (zero at k). Update with
     the new column a: b = P a, s = a_k - a^T b (a_k the diagonal entry, b_k = 0), v = b - e_k; K'^-1 = P + v v^T / s.
@@ -315,7 +376,11 @@ def _replace_row(inverse: Tensor, column: Tensor, k: int) -> Tensor:
     b = torch.bmm(p, column.unsqueeze(-1)).squeeze(-1)
     s = column[:, k] - (column * b).sum(1)
     b[:, k] = -1.0
-    return p + b.unsqueeze(2) * b.unsqueeze(1) / s[:, None, None]
+    return p + b.unsqueeze(2) * b.unsqueeze(1) / s[:, None, None], s
+
+
+def _bmv(matrices: Tensor, vectors: Tensor) -> Tensor:
+    return torch.bmm(matrices, vectors.unsqueeze(-1)).squeeze(-1)
 
 
 def obs_saliency(weights: Tensor, inverse_diag: Tensor) -> Tensor:
@@ -335,3 +400,80 @@ def obs_update(
     x = torch.zeros_like(weights, dtype=torch.float64)
     x[pruned] = weights.double()[pruned] / inverse_diag.double()[pruned]
     return -fisher.ihvp(x)
+
+
+class MFAC(torch.optim.Optimizer):
+    """The M-FAC optimizer (Frantar et al. 2021) with the reference's update rule, for plain PyTorch loops.
+
+    Each step pushes g = grad + ``weight_decay`` * w (all parameters, flattened) into a
+    :class:`SlidingInverseFisher` and moves w -= lr * v with v = ``momentum`` * v + (1 - ``momentum``) * F^-1 g (the
+    reference's averaging momentum; v = F^-1 g when ``momentum`` is 0). Defaults are the reference's: lr 1e-3, no
+    momentum or weight decay, 1024 gradients, damp 1e-5. Unlike the reference, a ``closure`` is accepted (Lightning
+    passes one), the window and momentum are in ``state_dict``, and a step whose gradient is not finite is skipped
+    with the window left untouched (``skipped_steps`` counts them). Inside Lightning, prefer
+    :class:`~sparse_lightning.callbacks.mfac.MFACPreconditioner` with any optimizer: it also excludes masked weights.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        num_grads: int = 1024,
+        damp: float = 1e-5,
+        block_size: int | None = None,
+    ) -> None:
+        for name, value, high in (
+            ("lr", lr, math.inf),
+            ("momentum", momentum, 1.0),
+            ("weight_decay", weight_decay, math.inf),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < high:
+                raise ConfigError(f"`{name}` must be a number in [0, {high}), got {value!r}.")
+        super().__init__(params, {"lr": float(lr)})
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        first = self.param_groups[0]["params"][0]
+        dim = sum(p.numel() for group in self.param_groups for p in group["params"])
+        self.fisher = SlidingInverseFisher(dim, num_grads, damp, first.device, block_size=block_size)
+        self.velocity = torch.zeros(dim, device=first.device)
+        self.skipped_steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = []
+        for p in params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads.append((g + self.weight_decay * p if self.weight_decay else g).reshape(-1).float())
+        g = torch.cat(grads)
+        if not torch.isfinite(g).all():
+            self.skipped_steps += 1
+            return loss
+        direction = self.fisher.update_ihvp(g)
+        if self.momentum:
+            self.velocity.mul_(self.momentum).add_(direction, alpha=1.0 - self.momentum)
+            direction = self.velocity
+        offset = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(direction[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+        return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["mfac"] = {**self.fisher.state_dict(), "velocity": self.velocity, "skipped_steps": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mfac")
+        super().load_state_dict(state_dict)
+        self.fisher.load_state_dict(extra)
+        self.velocity.copy_(extra["velocity"])
+        self.skipped_steps = int(extra["skipped_steps"])

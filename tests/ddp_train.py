@@ -15,7 +15,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TinyNet, tiny_loader  # noqa: E402
 
-from sparse_lightning import SET, GaP, GradualMagnitudePruning, RigL, masks_of  # noqa: E402
+from sparse_lightning import (  # noqa: E402
+    SET,
+    GaP,
+    GradualMagnitudePruning,
+    MFACPreconditioner,
+    MFACPruning,
+    RigL,
+    masks_of,
+)
 from sparse_lightning.core.masks import MaskSet  # noqa: E402
 
 
@@ -37,15 +45,19 @@ def main(out: Path) -> None:
     elif variant in ("rigl", "set"):
         method = RigL if variant == "rigl" else SET
         pruning = method(sparsity=0.9, end=20, every=3, drop_noise=1e-5)
+    elif variant == "mfac_pruning":
+        pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:
-        pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3, distribution=variant)
+        distribution = "global" if variant == "mfac_preconditioner" else variant
+        pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3, distribution=distribution)
+    extra = [MFACPreconditioner(num_grads=8)] if variant == "mfac_preconditioner" else []
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=3,
-        callbacks=[pruning, record],
+        callbacks=[pruning, *extra, record],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -58,6 +70,7 @@ def main(out: Path) -> None:
             "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
             "history": record.history,
             "steps": trainer.global_step,
+            "callback_state": extra[0].state_dict() if extra else pruning.state_dict(),
         },
         out / f"rank{trainer.global_rank}.pt",
     )

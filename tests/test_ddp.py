@@ -9,7 +9,7 @@ import torch
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 
 
-@pytest.mark.parametrize("distribution", ["global", "erk", "rigl", "set", "gap"])
+@pytest.mark.parametrize("distribution", ["global", "erk", "rigl", "set", "gap", "mfac_preconditioner", "mfac_pruning"])
 def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
@@ -30,3 +30,11 @@ def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution)
     params = ranks[0]["weights"]
     zeros = sum(int((params[n] == 0).sum()) for n in ranks[0]["masks"])
     assert zeros >= round(0.9 * total)
+
+    state_a, state_b = ranks[0]["callback_state"], ranks[1]["callback_state"]
+    for key in ("fisher", "grads"):
+        if key in state_a:  # the M-FAC windows, built from the averaged gradients, agree exactly
+            a, b = state_a[key], state_b[key]
+            for k in a if isinstance(a, dict) else [None]:
+                x, y = (a[k], b[k]) if k is not None else (a, b)
+                assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), (key, k)

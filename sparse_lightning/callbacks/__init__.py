@@ -4,6 +4,7 @@ from sparse_lightning.callbacks.base import SparsityCallback
 from sparse_lightning.callbacks.dst import SET, RigL, StaticRandomMask
 from sparse_lightning.callbacks.gap import GaP
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
+from sparse_lightning.callbacks.mfac import MFACPreconditioner, MFACPruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
 from sparse_lightning.callbacks.snip import SNIP
@@ -13,6 +14,8 @@ __all__ = [
     "ConstantMask",
     "GaP",
     "GradualMagnitudePruning",
+    "MFACPreconditioner",
+    "MFACPruning",
     "RigL",
     "SET",
     "SNIP",

@@ -156,16 +156,21 @@ class GradualMagnitudePruning(SparsityCallback):
         return is_event(step, self.start_step, self.end_step, self.every_steps)
 
     def compute_masks(self, step: int, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        assert self.start_step is not None and self.end_step is not None
         scores = {
             n: params[n].detach().abs().float().masked_fill(~self.mask_set.mask_for(n, params[n]), -math.inf)
             for n in self.names
         }
+        return self.select_masks(scores, self.target_at(step), step)
+
+    def select_masks(self, scores: Mapping[str, Tensor], sparsity: float, step: int) -> dict[str, Tensor]:
+        """Keep masks that reach ``sparsity`` under the distribution, pattern and overrides (higher score = keep;
+        ``-inf`` marks weights that are already pruned)."""
+        assert self.start_step is not None and self.end_step is not None
         fixed = {
             n: 1.0 - sparsity_at(step, self.start_step, self.end_step, min(self.initial_sparsity, s), s, self.curve)
             for n, s in self._layer_overrides.items()
         }
-        pruned = pruned_units(scores, self.pattern, self.target_at(step), self.distribution, fixed, self.min_density)
+        pruned = pruned_units(scores, self.pattern, sparsity, self.distribution, fixed, self.min_density)
         return {n: self.pattern.keep_mask(scores[n], pruned[n]) for n in self.names}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

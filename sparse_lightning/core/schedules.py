@@ -127,3 +127,13 @@ def is_event(step: int, start: int, end: int, every: int) -> bool:
     if step < start or step > end:
         return False
     return (step - start) % every == 0 or step == end
+
+
+def next_event(step: int, start: int, end: int, every: int) -> int | None:
+    """The first event of :func:`is_event` at or after ``step`` (``None`` once ``end`` has passed)."""
+    if step > end:
+        return None
+    if step <= start:
+        return start
+    candidate = start + -(-(step - start) // every) * every
+    return min(candidate, end)
