@@ -40,7 +40,13 @@ def run(config: dict) -> dict:
     targets = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
     total = sum(m.weight.numel() for m, _ in targets)
     callbacks = []
-    if config["method"].startswith("gmp"):
+    if config["method"] == "mfac-pruning":
+        from sparse_lightning import MFACPruning
+
+        callbacks.append(
+            MFACPruning(sparsity=sparsity, start=f"{start_ep}ep", end=f"{end_ep}ep", every=40, log_sparsity=False)
+        )
+    elif config["method"].startswith("gmp"):
         callbacks.append(
             GradualMagnitudePruning(
                 sparsity=sparsity,
@@ -93,7 +99,7 @@ def run(config: dict) -> dict:
 
 
 DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "snip", "gap")
-METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", *DST)
+METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", *DST)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
 
@@ -165,6 +171,7 @@ LABELS = {
     "gmp-global": "`GradualMagnitudePruning`, global",
     "gmp-erk": "`GradualMagnitudePruning`, ERK",
     "gmp-uniform": "`GradualMagnitudePruning`, uniform",
+    "mfac-pruning": "`MFACPruning`, global (64 gradients, blocks of 128, 16 recomputations)",
     "static-erk": "`StaticRandomMask`, ERK (random mask, never updated)",
     "rigl-erk": "`RigL`, ERK (defaults: every 100 steps, alpha 0.3, end 75%)",
     "rigl-uniform": "`RigL`, uniform",

@@ -204,6 +204,7 @@ def validate_recipe(file: str, model_path: str | None, variables: dict, total_st
     import importlib
 
     from sparse_lightning.callbacks.base import SparsityCallback
+    from sparse_lightning.callbacks.mfac import CPU_NUM_GRADS, MFACPreconditioner
     from sparse_lightning.core.schedules import sparsity_at
     from sparse_lightning.core.targets import select_parameters
     from sparse_lightning.recipes import load
@@ -221,6 +222,15 @@ def validate_recipe(file: str, model_path: str | None, variables: dict, total_st
     print(f"{loaded.path}: {loaded.recipe.name} ({len(loaded.callbacks)} method(s)) on {spec['class_path']}")
     params = dict(model.named_parameters())
     for i, callback in enumerate(loaded.callbacks):
+        if isinstance(callback, MFACPreconditioner):
+            names = callback.select(model)
+            dim = sum(params[n].numel() for n in names)
+            print(f"\n[{i}] MFACPreconditioner: {dim:,} coordinates")
+            for n in names:
+                print(f"    {n:40s} {str(tuple(params[n].shape)):>16s} {params[n].numel():>10d}")
+            m = callback.num_grads or CPU_NUM_GRADS
+            print(f"    window {m} x {dim:,} float32 = {4 * m * dim / 2**20:.1f} MiB (m = {m}; 1024 on CUDA if unset)")
+            continue
         if not isinstance(callback, SparsityCallback):
             continue
         try:

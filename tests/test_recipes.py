@@ -78,7 +78,8 @@ BAD = [
     (
         GOOD.replace("method: gradual_magnitude", "method: rigl_magic"),
         r"stages\[0\].methods\[0\].method: unknown method 'rigl_magic'. "
-        r"Registered: constant_mask, gap, gradual_magnitude, rigl, set, snip",
+        r"Registered: constant_mask, gap, gradual_magnitude, mfac_preconditioner, mfac_pruning, rigl, set, snip, "
+        r"static_random",
     ),
     (GOOD.replace("${every}", "${period}"), r"stages\[0\].methods\[0\].args.every: undefined variable \$\{period\}"),
     (GOOD.replace("end: 0.5", "end: soon"), r"stages\[0\].end: .*could not parse 'soon'"),

@@ -54,3 +54,11 @@ def test_torchvision_wrapper():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="Unknown torchvision classification model 'resnet7'"):
         torchvision_classifier("resnet7")
+
+
+@pytest.mark.parametrize("model_cls", [MNIST1DCNN, MNIST1DMLP])
+def test_reference_models_build_sgd_with_momentum(model_cls):
+    optimizer = model_cls(optimizer="sgd", lr=0.1, momentum=0.5, weight_decay=1e-4).configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.5, 1e-4)

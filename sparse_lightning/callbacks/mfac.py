@@ -116,9 +116,14 @@ class MFACPreconditioner(pl.Callback):
                 f"Put MFACPreconditioner after {', '.join(later)} in the trainer's callbacks: it replaces the "
                 "gradient with F^-1 g, which mask-producing callbacks must not read."
             )
-        include = self.include or [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        self.names = select_parameters(pl_module, include, self.exclude)
+        self.names = self.select(pl_module)
         self._module = pl_module
+
+    def select(self, module: torch.nn.Module) -> list[str]:
+        """Names of the preconditioned parameters: ``include`` (default: all that require a gradient) less
+        ``exclude``."""
+        include = self.include or [n for n, p in module.named_parameters() if p.requires_grad]
+        return select_parameters(module, include, self.exclude)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())

@@ -48,21 +48,33 @@ class MNIST1DCNN(LitClassifier):
     """The MNIST-1D paper's CNN (``channels=25``) or its wide variant (``channels=128``), Adam at 1e-2."""
 
     def __init__(
-        self, channels: int = 25, lr: float = 1e-2, weight_decay: float = 0.0, optimizer: str = "adam"
+        self,
+        channels: int = 25,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
     ) -> None:
         if not isinstance(channels, int) or channels < 1:
             raise ConfigError(f"`channels` must be a positive int, got {channels!r}.")
-        super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer)
+        super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer, momentum)
         self.save_hyperparameters()
 
 
 class MNIST1DMLP(LitClassifier):
     """The MNIST-1D paper's MLP (40 -> ``hidden`` -> ``hidden`` -> 10), Adam at 1e-2."""
 
-    def __init__(self, hidden: int = 100, lr: float = 1e-2, weight_decay: float = 0.0, optimizer: str = "adam") -> None:
+    def __init__(
+        self,
+        hidden: int = 100,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
+    ) -> None:
         if not isinstance(hidden, int) or hidden < 1:
             raise ConfigError(f"`hidden` must be a positive int, got {hidden!r}.")
-        super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer)
+        super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer, momentum)
         self.save_hyperparameters()
 
 
