@@ -51,7 +51,8 @@ def test_fit_a_shipped_recipe_logs_to_wandb_offline(tmp_path, monkeypatch, capsy
     assert [f.path for f in model.manifest.contents] == ["final-sparse.ckpt"]
 
 
-def test_lightning_cli_config_can_name_the_callback(tmp_path):
+def test_lightning_cli_config_can_name_the_callback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # LightningCLI saves its config.yaml in the working directory
     config = {
         "trainer": {
             "max_epochs": 1,
@@ -102,7 +103,8 @@ def test_user_error_during_setup_exits_2(tmp_path, monkeypatch, capsys):
     assert "'net.conv1.weight' of shape (25, 1, 5) is too small for pattern 2:4" in err and "Traceback" not in err
 
 
-def test_log_model_without_wandb_is_refused_before_training(capsys):
+def test_log_model_without_wandb_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     args = ["fit", "--recipe", str(RECIPES / "gmp-90-global.yaml"), "--log-model", "--trainer.logger=false"]
     assert main(args) == 2
     assert "--log-model needs the W&B logger" in capsys.readouterr().err
