@@ -9,6 +9,16 @@ from sparse_lightning.bench import write_doc_section
 
 DOC = Path(__file__).parents[1] / "docs" / "benchmarks.md"
 
+QUIET_TRAINER = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+"""Trainer settings of every benchmark run: one CPU device, nothing written, nothing printed."""
+
 
 def mean_spread(values: list[float]) -> str:
     if len(values) == 1:

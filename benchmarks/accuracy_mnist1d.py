@@ -25,6 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 def run(config: dict) -> dict:
     import lightning.pytorch as pl
     import torch
+    from _report import QUIET_TRAINER
     from torch import nn
 
     from sparse_lightning import GradualMagnitudePruning
@@ -80,12 +81,7 @@ def run(config: dict) -> dict:
         callbacks.append(modelpruning_callback(model, sparsity, start_ep, end_ep))
     trainer = pl.Trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
         check_val_every_n_epoch=10**6,
         callbacks=callbacks,
     )

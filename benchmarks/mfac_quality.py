@@ -24,6 +24,7 @@ METHODS = ("sgd", "adam", "mfac-sgd")
 def run(config: dict) -> dict:
     import lightning.pytorch as pl
     import torch
+    from _report import QUIET_TRAINER
 
     from sparse_lightning import MFACPreconditioner
     from sparse_lightning.data import MNIST1DDataModule
@@ -50,12 +51,7 @@ def run(config: dict) -> dict:
         callbacks.insert(0, MFACPreconditioner(num_grads=128, damp=1e-5))
     trainer = pl.Trainer(
         max_epochs=config["epochs"],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
         check_val_every_n_epoch=10**6,
         callbacks=callbacks,
     )

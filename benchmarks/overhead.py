@@ -32,7 +32,7 @@ from sparse_lightning import GradualMagnitudePruning, masks_of
 from sparse_lightning.models import MNIST1DCNN, torchvision_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import table, write_section  # noqa: E402
+from _report import QUIET_TRAINER, table, write_section  # noqa: E402
 
 VARIANTS = ("dense", "sparse-lightning", "ModelPruning")
 
@@ -119,12 +119,7 @@ def run_variant(model_name: str, variant: str, steps: int, warmup: int) -> dict:
         )
     trainer = pl.Trainer(
         max_steps=warmup + 1 + steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
         callbacks=callbacks,
         num_sanity_val_steps=0,
     )
