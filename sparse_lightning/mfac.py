@@ -59,10 +59,15 @@ def check_count(name: str, value: int | None, allow_none: bool = False) -> int |
     return value
 
 
-def _layout(dim: int, block_size: int | None) -> tuple[int, int]:
+def _layout(dim: int, block_size: int | None, num_grads: int) -> tuple[int, int]:
     """(number of blocks, block length) for ``dim`` coordinates; one block when ``block_size`` is None."""
     if block_size is None or block_size >= dim:
         return 1, dim
+    if block_size < num_grads:
+        raise ConfigError(
+            f"`block_size` {block_size} is smaller than the {num_grads} gradients: each block would hold an "
+            f"{num_grads} x {num_grads} system of rank at most {block_size}. Use `block_size` >= `num_grads`."
+        )
     return math.ceil(dim / block_size), block_size
 
 
@@ -158,7 +163,7 @@ class StaticInverseFisher:
         self.damp = check_damp(damp)
         check_count("block_size", block_size, allow_none=True)
         self.num_grads, self.dim = grads.shape
-        self.blocks, self.length = _layout(self.dim, block_size)
+        self.blocks, self.length = _layout(self.dim, block_size, self.num_grads)
         pad = self.blocks * self.length - self.dim
         padded = torch.nn.functional.pad(grads, (0, pad)) if pad else grads
         self.window = padded.view(self.num_grads, self.blocks, self.length).transpose(0, 1)
@@ -224,7 +229,7 @@ class SlidingInverseFisher:
         if not self.dtype.is_floating_point:
             raise ConfigTypeError(f"`dtype` must be a floating-point dtype, got {self.dtype}.")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.blocks, self.length = _layout(self.dim, block_size)
+        self.blocks, self.length = _layout(self.dim, block_size, self.num_grads)
         check_fits(self.num_grads, self.blocks * self.length, self.blocks, self.dtype, self.device)
         m = self.num_grads
         self.window = torch.zeros(self.blocks, m, self.length, dtype=self.dtype, device=self.device)

@@ -146,6 +146,8 @@ def test_obs_on_a_quadratic_zeroes_the_weight_and_costs_the_predicted_saliency(g
         (lambda: SlidingInverseFisher(10, 4, block_size=0), "`block_size` must be >= 1"),
         (lambda: SlidingInverseFisher(10, 4, block_size=2.5), "`block_size` must be an int"),
         (lambda: SlidingInverseFisher(10**9, 10**5), r"needs .* GiB, but cpu has .* GiB free"),
+        (lambda: SlidingInverseFisher(100, 16, block_size=8), "`block_size` 8 is smaller than the 16 gradients"),
+        (lambda: StaticInverseFisher(torch.ones(16, 100), block_size=8), "Use `block_size` >= `num_grads`"),
         (lambda: StaticInverseFisher(torch.ones(3)), "`grads` must be a non-empty m x d tensor"),
         (lambda: StaticInverseFisher(torch.tensor([[1.0, float("nan")]])), "NaN or infinite"),
     ],

@@ -187,6 +187,7 @@ def test_mfac_pruning_reaches_the_target_and_obs_moves_the_survivors():
         ({"damp": 0}, "`damp` must be a finite number > 0"),
         ({"block_size": -3}, "`block_size` must be >= 1"),
         ({"recomputations": 0}, "`recomputations` must be >= 1"),
+        ({"num_grads": 64, "block_size": 32}, "`block_size` 32 must be >= `num_grads` 64"),
     ],
 )
 def test_mfac_pruning_bad_input(kwargs, message):
@@ -194,7 +195,10 @@ def test_mfac_pruning_bad_input(kwargs, message):
         MFACPruning(**kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"num_grads": 0}, "`num_grads`"), ({"damp": -1.0}, "`damp`")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"num_grads": 0}, "`num_grads`"), ({"damp": -1.0}, "`damp`"), ({"num_grads": 8, "block_size": 4}, "block_size")],
+)
 def test_preconditioner_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MFACPreconditioner(**kwargs)

@@ -89,6 +89,8 @@ class MFACPreconditioner(pl.Callback):
         self.num_grads = check_count("num_grads", num_grads, allow_none=True)
         self.damp = check_damp(damp)
         self.block_size = check_count("block_size", block_size, allow_none=True)
+        if block_size is not None and num_grads is not None and block_size < num_grads:
+            raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
         self.include, self.exclude = include, exclude
         self.names: list[str] = []
         self.fisher: SlidingInverseFisher | None = None
@@ -259,6 +261,8 @@ class MFACPruning(GradualMagnitudePruning):
         self.damp = check_damp(damp)
         self.block_size = check_count("block_size", block_size, allow_none=True)
         self.recomputations = check_count("recomputations", recomputations)
+        if self.block_size is not None and self.block_size < self.num_grads:
+            raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
         self.grads: Tensor | None = None
         self.filled = 0
         self.next_row = 0
