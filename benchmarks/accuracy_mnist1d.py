@@ -196,9 +196,10 @@ def write_report(path: Path) -> None:
     body = [
         "## Accuracy on MNIST-1D",
         "",
-        f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global` and "
-        "`... --methods gmp-erk gmp-uniform --channels 25` and "
-        "`... --methods rigl-erk rigl-uniform set snip gap --channels 25 --levels 0.9` (1 torch thread a run; raw "
+        f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global`, "
+        "`... --methods gmp-erk gmp-uniform --channels 25`, "
+        "`... --methods static-erk rigl-erk rigl-uniform set snip gap --levels 0.8 0.9 0.95` and "
+        "`... --methods mfac-pruning --channels 25 --levels 0.9 0.95` (1 torch thread a run; raw "
         "rows in "
         "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "
         "deviation over seeds (n = number of seeds); the sparsity is the fraction of exact zeros over all conv/linear "

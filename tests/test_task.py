@@ -62,3 +62,19 @@ def test_reference_models_build_sgd_with_momentum(model_cls):
     assert isinstance(optimizer, torch.optim.SGD)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.5, 1e-4)
+
+
+def test_cosine_schedule_anneals_to_zero_over_training():
+    import lightning.pytorch as pl
+    from helpers import QUIET, tiny_loader
+
+    class Tiny(MNIST1DMLP):
+        def forward(self, x):
+            return super().forward(torch.nn.functional.pad(x, (0, 24)))
+
+    model = Tiny(hidden=8, optimizer="sgd", lr=0.1, lr_schedule="cosine")
+    trainer = pl.Trainer(max_epochs=2, **QUIET)
+    trainer.fit(model, tiny_loader())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"`lr_schedule` must be one of \['constant', 'cosine'\]"):
+        MNIST1DCNN(lr_schedule="step")

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from sparse_lightning.core.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class LitClassifier(pl.LightningModule):
@@ -22,6 +23,7 @@ class LitClassifier(pl.LightningModule):
         num_classes: number of classes.
         lr, weight_decay, momentum: optimizer settings.
         optimizer: ``adam``, ``adamw`` or ``sgd``.
+        lr_schedule: ``constant``, or ``cosine`` (annealed to 0 over the optimizer steps of training).
     """
 
     def __init__(
@@ -32,10 +34,13 @@ class LitClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
         momentum: float = 0.9,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}.")
         if lr <= 0:
             raise ConfigError(f"`lr` must be positive, got {lr}.")
         self.save_hyperparameters(ignore=["net"])
@@ -66,12 +71,18 @@ class LitClassifier(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, self.test_acc, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         hp = self.hparams
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        return cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+            opt = cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.get("lr_schedule", "constant") == "constant":
+            return opt
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class ImageClassifier(LitClassifier):
@@ -88,11 +99,11 @@ class ImageClassifier(LitClassifier):
         weight_decay: float = 5e-4,
         optimizer: str = "sgd",
         momentum: float = 0.9,
+        lr_schedule: str = "constant",
         **model_kwargs: Any,
     ) -> None:
-        super().__init__(
-            torchvision_net(arch, num_classes, **model_kwargs), num_classes, lr, weight_decay, optimizer, momentum
-        )
+        net = torchvision_net(arch, num_classes, **model_kwargs)
+        super().__init__(net, num_classes, lr, weight_decay, optimizer, momentum, lr_schedule)
         self.save_hyperparameters()
 
 

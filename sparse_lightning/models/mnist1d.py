@@ -54,10 +54,11 @@ class MNIST1DCNN(LitClassifier):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
         momentum: float = 0.9,
+        lr_schedule: str = "constant",
     ) -> None:
         if not isinstance(channels, int) or channels < 1:
             raise ConfigError(f"`channels` must be a positive int, got {channels!r}.")
-        super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer, momentum)
+        super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer, momentum, lr_schedule)
         self.save_hyperparameters()
 
 
@@ -71,10 +72,11 @@ class MNIST1DMLP(LitClassifier):
         weight_decay: float = 0.0,
         optimizer: str = "adam",
         momentum: float = 0.9,
+        lr_schedule: str = "constant",
     ) -> None:
         if not isinstance(hidden, int) or hidden < 1:
             raise ConfigError(f"`hidden` must be a positive int, got {hidden!r}.")
-        super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer, momentum)
+        super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer, momentum, lr_schedule)
         self.save_hyperparameters()
 
 
