@@ -230,3 +230,17 @@ def test_mfac_optimizer_follows_the_reference_update_rule_and_resumes():
     w.grad = torch.full((30,), float("nan"))
     opt.step()
     assert opt.skipped_steps == 1 and torch.isfinite(w).all()
+
+
+def test_mfac_pruning_holds_its_gradient_buffer_only_near_an_event():
+    """PITFALLS (sparseml#759): the num_grads x d buffer exists only in the num_grads steps before each event."""
+    pruning = MFACPruning(sparsity=0.5, start=12, end=24, every=12, num_grads=3, block_size=None, log_sparsity=False)
+    held = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            held[trainer.global_step - 1] = pruning.grads is not None
+
+    torch.manual_seed(0)
+    pl.Trainer(max_epochs=4, callbacks=[pruning, Probe()], **QUIET).fit(TinyNet(), tiny_loader())
+    assert [s for s, h in held.items() if h] == [10, 11, 22, 23]
