@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_int
 
 CHUNK = 1 << 22  # float64 values per chunk of a window product (32 MiB)
 
@@ -47,16 +48,6 @@ def check_damp(damp: float) -> float:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
         raise ConfigError(f"`damp` must be a finite number > 0, got {damp!r}.")
     return float(damp)
-
-
-def check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"`{name}` must be an int, got {value!r}.")
-    if value < 1:
-        raise ConfigError(f"`{name}` must be >= 1, got {value}.")
-    return value
 
 
 def _layout(dim: int, block_size: int | None, num_grads: int) -> tuple[int, int]:
@@ -103,39 +94,36 @@ def check_fits(num_grads: int, dim: int, blocks: int, dtype: torch.dtype, device
         )
 
 
-def _chunks(length: int, rows: int) -> range:
-    step = max(1, CHUNK // max(1, rows))
-    return range(0, length, step)
+def _column_slices(window: Tensor) -> list[slice]:
+    """Slices of a (blocks, m, length) window's columns holding about ``CHUNK`` values each."""
+    blocks, m, length = window.shape
+    step = max(1, CHUNK // max(1, blocks * m))
+    return [slice(a, a + step) for a in range(0, length, step)]
 
 
 def _window_matvec64(window: Tensor, xb: Tensor) -> Tensor:
     """G x per block, accumulated in float64: (blocks, m)."""
-    blocks, m, length = window.shape
-    out = torch.zeros(blocks, m, dtype=torch.float64, device=window.device)
-    step = max(1, CHUNK // max(1, blocks * m))
-    for a in range(0, length, step):
-        g = window[:, :, a : a + step].double()
-        out += torch.bmm(g, xb[:, a : a + step].double().unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(window.shape[:2], dtype=torch.float64, device=window.device)
+    for cols in _column_slices(window):
+        out += torch.bmm(window[:, :, cols].double(), xb[:, cols].double().unsqueeze(-1)).squeeze(-1)
     return out
 
 
 def _window_rmatvec64(window: Tensor, coef: Tensor) -> Tensor:
     """G^T c per block, accumulated in float64: (blocks, length)."""
-    blocks, m, length = window.shape
+    blocks, _, length = window.shape
     out = torch.empty(blocks, length, dtype=torch.float64, device=window.device)
-    step = max(1, CHUNK // max(1, blocks * m))
-    for a in range(0, length, step):
-        out[:, a : a + step] = torch.bmm(coef.unsqueeze(1), window[:, :, a : a + step].double()).squeeze(1)
+    for cols in _column_slices(window):
+        out[:, cols] = torch.bmm(coef.unsqueeze(1), window[:, :, cols].double()).squeeze(1)
     return out
 
 
 def _gram64(window: Tensor) -> Tensor:
     """G G^T per block with float64 accumulation: (blocks, m, m)."""
-    blocks, m, length = window.shape
+    blocks, m, _ = window.shape
     out = torch.zeros(blocks, m, m, dtype=torch.float64, device=window.device)
-    step = max(1, CHUNK // max(1, blocks * m))
-    for a in range(0, length, step):
-        g = window[:, :, a : a + step].double()
+    for cols in _column_slices(window):
+        g = window[:, :, cols].double()
         out += g @ g.transpose(1, 2)
     return out
 
@@ -161,7 +149,7 @@ class StaticInverseFisher:
         if not torch.isfinite(grads).all():
             raise ConfigError("`grads` holds NaN or infinite values.")
         self.damp = check_damp(damp)
-        check_count("block_size", block_size, allow_none=True)
+        check_int("block_size", block_size, 1, allow_none=True)
         self.num_grads, self.dim = grads.shape
         self.blocks, self.length = _layout(self.dim, block_size, self.num_grads)
         pad = self.blocks * self.length - self.dim
@@ -180,11 +168,9 @@ class StaticInverseFisher:
     def diag(self) -> Tensor:
         """The diagonal of F^-1 (a d-vector, float64)."""
         out = torch.empty(self.blocks, self.length, dtype=torch.float64, device=self.window.device)
-        step = max(1, CHUNK // max(1, self.blocks * self.num_grads))
-        for a in range(0, self.length, step):
-            g = self.window[:, :, a : a + step].double()
-            w = torch.linalg.solve_triangular(self.factor, g, upper=False)
-            out[:, a : a + step] = (1.0 - w.square().sum(1)) / self.damp
+        for cols in _column_slices(self.window):
+            w = torch.linalg.solve_triangular(self.factor, self.window[:, :, cols].double(), upper=False)
+            out[:, cols] = (1.0 - w.square().sum(1)) / self.damp
         return out.reshape(-1)[: self.dim]
 
 
@@ -221,10 +207,10 @@ class SlidingInverseFisher:
         dtype: torch.dtype | None = None,
         block_size: int | None = None,
     ) -> None:
-        self.dim = check_count("dim", dim)
-        self.num_grads = check_count("num_grads", num_grads)
+        self.dim = check_int("dim", dim, 1)
+        self.num_grads = check_int("num_grads", num_grads, 1)
         self.damp = check_damp(damp)
-        check_count("block_size", block_size, allow_none=True)
+        check_int("block_size", block_size, 1, allow_none=True)
         self.dtype = dtype or torch.float32
         if not self.dtype.is_floating_point:
             raise ConfigTypeError(f"`dtype` must be a floating-point dtype, got {self.dtype}.")
@@ -407,6 +393,17 @@ def obs_update(
     return -fisher.ihvp(x)
 
 
+def flat_gradient(params: Sequence[Tensor]) -> Tensor:
+    """The gradients of ``params`` as one float32 vector (zeros where a gradient is missing)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+
+
+def split_flat(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Consecutive pieces of ``flat`` shaped as the tensors of ``like`` (views, no copy)."""
+    pieces = flat.split([t.numel() for t in like])
+    return [piece.view_as(t) for piece, t in zip(pieces, like, strict=True)]
+
+
 class MFAC(torch.optim.Optimizer):
     """The M-FAC optimizer (Frantar et al. 2021) with the reference's update rule, for plain PyTorch loops.
 
@@ -451,11 +448,9 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = [p for group in self.param_groups for p in group["params"]]
-        grads = []
-        for p in params:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            grads.append((g + self.weight_decay * p if self.weight_decay else g).reshape(-1).float())
-        g = torch.cat(grads)
+        g = flat_gradient(params)
+        if self.weight_decay:
+            g += self.weight_decay * torch.cat([p.detach().reshape(-1).float() for p in params])
         if not torch.isfinite(g).all():
             self.skipped_steps += 1
             return loss
@@ -463,11 +458,9 @@ class MFAC(torch.optim.Optimizer):
         if self.momentum:
             self.velocity.mul_(self.momentum).add_(direction, alpha=1.0 - self.momentum)
             direction = self.velocity
-        offset = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(direction[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
+        for p, piece, lr in zip(params, split_flat(direction, params), lrs, strict=True):
+            p.add_(piece.to(p.dtype), alpha=-lr)
         return loss
 
     def state_dict(self) -> dict:

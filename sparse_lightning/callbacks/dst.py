@@ -13,7 +13,7 @@ from torch import Tensor
 from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time, skip_optimizer_step
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, random_masks
-from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_int
 from sparse_lightning.core.growth import cosine_drop_fraction, drop_and_grow
 from sparse_lightning.core.schedules import TimeValue, parse_time
 
@@ -55,8 +55,7 @@ class DynamicSparseTraining(SparsityCallback):
                 raise ConfigTypeError(f"`{name}` must be a bool, got {value!r}.")
         if isinstance(drop_noise, bool) or not isinstance(drop_noise, (int, float)) or drop_noise < 0:
             raise ConfigError(f"`drop_noise` must be a number >= 0, got {drop_noise!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigTypeError(f"`seed` must be an int, got {seed!r}.")
+        check_int("seed", seed)
         self.alpha, self.decay = float(alpha), decay
         self.skip_step_on_update, self.drop_noise, self.seed = skip_step_on_update, float(drop_noise), seed
         self.start_spec = parse_time(start, "start")
@@ -153,8 +152,7 @@ class StaticRandomMask(SparsityCallback):
         super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
         self.sparsity = check_fraction("sparsity", sparsity)
         self.distribution = check_distribution(distribution)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigTypeError(f"`seed` must be an int, got {seed!r}.")
+        check_int("seed", seed)
         self.seed = seed
 
     @property

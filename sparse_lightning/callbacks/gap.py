@@ -13,7 +13,7 @@ from torch import Tensor
 from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, random_masks, smallest
-from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.errors import ConfigError, check_int
 from sparse_lightning.core.schedules import TimeValue, parse_time
 
 
@@ -49,8 +49,7 @@ class GaP(SparsityCallback):
         super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
         self.sparsity = check_fraction("sparsity", sparsity)
         for name, value in (("parts", parts), ("cycles", cycles), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigTypeError(f"`{name}` must be an int, got {value!r}.")
+            check_int(name, value)
         if parts < 1 or cycles < 1:
             raise ConfigError(f"`parts` and `cycles` must be at least 1, got parts={parts}, cycles={cycles}.")
         self.parts, self.cycles, self.seed = parts, cycles, seed

@@ -14,25 +14,21 @@ from torch import Tensor
 from sparse_lightning.callbacks.base import SparsityCallback, skip_optimizer_step
 from sparse_lightning.callbacks.gradual import GradualMagnitudePruning
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.errors import ConfigError
+from sparse_lightning.core.errors import ConfigError, check_int
 from sparse_lightning.core.masks import masks_of
 from sparse_lightning.core.schedules import TimeValue, next_event
 from sparse_lightning.core.targets import select_parameters
 from sparse_lightning.mfac import (
     SlidingInverseFisher,
     StaticInverseFisher,
-    check_count,
     check_damp,
+    flat_gradient,
     obs_saliency,
     obs_update,
+    split_flat,
 )
 
 CPU_NUM_GRADS = 128
-
-
-def flat_gradient(params: Sequence[Tensor]) -> Tensor:
-    """The gradients of ``params`` as one float32 vector (zeros where a gradient is missing)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
 
 
 def flat_keep(module: torch.nn.Module, names: Sequence[str], params: Mapping[str, Tensor]) -> Tensor:
@@ -41,14 +37,6 @@ def flat_keep(module: torch.nn.Module, names: Sequence[str], params: Mapping[str
     return torch.cat(
         [masks[n].reshape(-1) if n in masks else torch.ones(params[n].numel(), dtype=torch.bool) for n in names]
     ).to(next(iter(params.values())).device)
-
-
-def write_flat(tensors: Sequence[Tensor], flat: Tensor) -> None:
-    """Copy consecutive pieces of ``flat`` into ``tensors``."""
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 @register("mfac_preconditioner")
@@ -86,9 +74,9 @@ class MFACPreconditioner(pl.Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
     ) -> None:
-        self.num_grads = check_count("num_grads", num_grads, allow_none=True)
+        self.num_grads = check_int("num_grads", num_grads, 1, allow_none=True)
         self.damp = check_damp(damp)
-        self.block_size = check_count("block_size", block_size, allow_none=True)
+        self.block_size = check_int("block_size", block_size, 1, allow_none=True)
         if block_size is not None and num_grads is not None and block_size < num_grads:
             raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
         self.include, self.exclude = include, exclude
@@ -160,11 +148,9 @@ class MFACPreconditioner(pl.Callback):
             self.fisher.clear_coordinates(self.keep & ~keep)
             self.keep = keep
         direction = self.fisher.update_ihvp(g * keep)
-        offset = 0
-        for p in params:
+        for p, piece in zip(params, split_flat(direction, params), strict=True):
             if p.grad is not None:
-                p.grad.copy_(direction[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+                p.grad.copy_(piece)
 
     def state_dict(self) -> dict[str, Any]:
         if self.fisher is None:
@@ -257,10 +243,10 @@ class MFACPruning(GradualMagnitudePruning):
             min_density,
             log_sparsity,
         )
-        self.num_grads = check_count("num_grads", num_grads)
+        self.num_grads = check_int("num_grads", num_grads, 1)
         self.damp = check_damp(damp)
-        self.block_size = check_count("block_size", block_size, allow_none=True)
-        self.recomputations = check_count("recomputations", recomputations)
+        self.block_size = check_int("block_size", block_size, 1, allow_none=True)
+        self.recomputations = check_int("recomputations", recomputations, 1)
         if self.block_size is not None and self.block_size < self.num_grads:
             raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
         self.grads: Tensor | None = None
@@ -313,7 +299,8 @@ class MFACPruning(GradualMagnitudePruning):
                 weights[~new_keep] = 0.0
                 keep = new_keep
             with torch.no_grad():
-                write_flat([params[n] for n in self.names], weights)
+                for n, piece in zip(self.names, split_flat(weights, [params[n] for n in self.names]), strict=True):
+                    params[n].copy_(piece)
         if event_after := next_event(step + 1, self.start_step, self.end_step, self.every_steps):
             if event_after - step > self.num_grads:
                 self._free()
@@ -322,8 +309,8 @@ class MFACPruning(GradualMagnitudePruning):
         return masks
 
     def _per_layer(self, flat: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        pieces = flat.float().split([params[n].numel() for n in self.names])
-        return {n: piece.view(params[n].shape) for n, piece in zip(self.names, pieces, strict=True)}
+        pieces = split_flat(flat.float(), [params[n] for n in self.names])
+        return dict(zip(self.names, pieces, strict=True))
 
     def _free(self) -> None:
         self.grads, self.filled, self.next_row = None, 0, 0
