@@ -14,25 +14,33 @@ def explicit_inverse(grads: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return torch.linalg.inv(fisher)
 
 
+def explicit_tolerance(grads: torch.Tensor, damp: float = DAMP) -> float:
+    """What the explicit inverse itself is good to: 100 * eps * cond(F) (cond 6.4e4 for one gradient, so 1.4e-9)."""
+    grads = grads.double()
+    fisher = damp * torch.eye(grads.shape[1], dtype=torch.float64) + grads.T @ grads / grads.shape[0]
+    return max(1e-12, 100 * torch.finfo(torch.float64).eps * torch.linalg.cond(fisher).item())
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture
 def grads():
-    # (|g|^2 / m) / damp = 1e3: F's condition number stays near 1e4, so the explicit inverse itself is good to ~1e-12
+    # (|g|^2 / m) / damp = 1e3 for the whole window (6.4e4 for a window of one): the explicit inverse is good to
+    # about eps * cond(F), which `explicit_tolerance` allows for
     generator = torch.Generator().manual_seed(0)
     return torch.randn(M, D, dtype=torch.float64, generator=generator) * (1e3 * DAMP * M / D) ** 0.5
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_static_ihvp_and_diag_equal_the_explicit_inverse(grads, m):
-    inverse = explicit_inverse(grads[:m])
+    inverse, tol = explicit_inverse(grads[:m]), explicit_tolerance(grads[:m])
     fisher = StaticInverseFisher(grads[:m], DAMP)
     x = torch.randn(D, dtype=torch.float64)
-    assert rel(fisher.ihvp(x), inverse @ x) < 1e-10
-    assert rel(fisher.ihvp(grads[m - 1]), inverse @ grads[m - 1]) < 1e-10
-    assert rel(fisher.diag(), inverse.diagonal()) < 1e-10
+    assert rel(fisher.ihvp(x), inverse @ x) < tol
+    assert rel(fisher.ihvp(grads[m - 1]), inverse @ grads[m - 1]) < tol
+    assert rel(fisher.diag(), inverse.diagonal()) < tol
 
 
 def test_sliding_window_after_more_than_m_updates_equals_static_on_the_last_m(grads):
