@@ -12,7 +12,6 @@ the median step time relative to the dense run of the same seed.
 from __future__ import annotations
 
 import csv
-import importlib
 import math
 import re
 import statistics
@@ -27,19 +26,9 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from sparse_lightning.core.errors import ConfigError
-from sparse_lightning.core.schedules import TimeSpec, sparsity_at
-
-
-def instantiate(spec: dict[str, Any] | None, what: str) -> Any:
-    if spec is None:
-        raise ConfigError(f"No {what} given: the recipe names none, so pass --{what} CLASS_PATH.")
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(f"--{what} {spec['class_path']!r} is not an importable class.") from None
-    return cls(**spec.get("init_args", {}))
+from sparse_lightning.core.plan import MethodPlan, Timeline
+from sparse_lightning.core.schedules import sparsity_at
+from sparse_lightning.recipes.loader import instantiate
 
 
 def prunable(model: nn.Module) -> list[nn.Module]:
@@ -122,14 +111,27 @@ class BenchRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _window_epochs(callbacks: Sequence[pl.Callback], epochs: int, steps_per_epoch: int) -> tuple[int, int]:
-    for cb in callbacks:
-        if hasattr(cb, "start_spec"):
+def recipe_plans(callbacks: Sequence[pl.Callback], model: nn.Module, timeline: Timeline) -> list[MethodPlan]:
+    """The plans of a recipe's methods on ``model`` over ``timeline`` (what training will do)."""
+    from sparse_lightning.callbacks.base import MethodCallback
 
-            def to_epoch(spec: TimeSpec) -> int:
-                return round(spec.resolve(epochs * steps_per_epoch, steps_per_epoch) / steps_per_epoch)
+    return [cb.plan(model, timeline) for cb in callbacks if isinstance(cb, MethodCallback)]
 
-            return to_epoch(cb.start_spec), min(epochs, max(to_epoch(cb.end_spec), to_epoch(cb.start_spec) + 1))
+
+def plans_target(plans: Sequence[MethodPlan]) -> float:
+    """The final targets weighted by the values each method selects (as ``sparsity/target`` is logged)."""
+    weighted = [(p.target, p.num_selected) for p in plans if p.target is not None]
+    total = sum(n for _, n in weighted)
+    return sum(t * n for t, n in weighted) / total if total else 0.0
+
+
+def window_epochs(plans: Sequence[MethodPlan], epochs: int, steps_per_epoch: int) -> tuple[int, int]:
+    """First and last epoch with an event of the first plan that has events (``ModelPruning``'s window)."""
+    for plan in plans:
+        if plan.events:
+            start = round(plan.events[0].step / steps_per_epoch)
+            end = round(plan.events[-1].step / steps_per_epoch)
+            return start, min(epochs, max(end, start + 1))
     return 0, max(1, epochs - 1)
 
 
@@ -151,12 +153,21 @@ def run_bench(
     data_spec = data or (loaded[0].recipe.data.model_dump() if loaded and loaded[0].recipe.data else None)
     if epochs is None:
         epochs = int(loaded[0].recipe.trainer.get("max_epochs", 10)) if loaded else 10
-    targets = sorted({cb.sparsity for rec in loaded for cb in rec.callbacks if hasattr(cb, "sparsity")})
+    datamodule = instantiate(data_spec, "data")
+    datamodule.setup("fit")
+    batches = len(datamodule.train_dataloader())
+    limit = (trainer_args or {}).get("limit_train_batches")
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    timeline = Timeline(float(epochs * batches), float(batches))
+    plans = {rec.path: recipe_plans(rec.callbacks, instantiate(model_spec, "model"), timeline) for rec in loaded}
+    targets = sorted({plans_target(p) for p in plans.values()})
+    first = plans[loaded[0].path] if loaded else []
     plan: list[tuple[str, int, float, Any]] = []
     for seed in range(seeds):
         plan.append(("dense", seed, 0.0, None))
-        plan += [(f"ModelPruning {t:.0%}", seed, t, ("modelpruning", t, loaded[0].callbacks)) for t in targets]
-        plan += [(rec.recipe.name, seed, _target(rec.callbacks), ("recipe", rec.path)) for rec in loaded]
+        plan += [(f"ModelPruning {t:.0%}", seed, t, ("modelpruning", t)) for t in targets]
+        plan += [(rec.recipe.name, seed, plans_target(plans[rec.path]), ("recipe", rec.path)) for rec in loaded]
     runs: list[BenchRun] = []
     dense_step: dict[int, float] = {}
     for name, seed, target, how in tqdm(plan, desc="bench", disable=not progress, unit="run"):
@@ -167,12 +178,7 @@ def run_bench(
         if how is not None and how[0] == "recipe":
             callbacks = load(how[1]).callbacks
         if how is not None and how[0] == "modelpruning":
-            datamodule.setup("fit")
-            batches = len(datamodule.train_dataloader())
-            limit = (trainer_args or {}).get("limit_train_batches")
-            if isinstance(limit, int):
-                batches = min(batches, limit)
-            start_ep, end_ep = _window_epochs(how[2], epochs, max(1, batches))
+            start_ep, end_ep = window_epochs(first, epochs, max(1, batches))
             callbacks = [modelpruning_callback(lit_model, how[1], start_ep, end_ep)]
         timer = StepTimer()
         trainer = pl.Trainer(
@@ -209,11 +215,6 @@ def run_bench(
         run.step_ratio = run.median_step_s / dense_step[seed]
         runs.append(run)
     return runs
-
-
-def _target(callbacks: Sequence[pl.Callback]) -> float:
-    values = [cb.sparsity for cb in callbacks if hasattr(cb, "sparsity")]
-    return values[-1] if values else 0.0
 
 
 COLUMNS = [

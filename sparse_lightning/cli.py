@@ -152,8 +152,12 @@ def recipes_command(argv: Sequence[str]) -> int:
     check.add_argument("file")
     check.add_argument("--model", help="class path of a LightningModule (default: the recipe's model)")
     check.add_argument("--var", action="append", default=[])
-    check.add_argument("--total-steps", type=int, default=1000, help="steps of the run to show the schedule for")
-    check.add_argument("--steps-per-epoch", type=int, default=100)
+    check.add_argument(
+        "--total-steps", type=int, help="optimizer steps of the run (default: the recipe's max_epochs or max_steps)"
+    )
+    check.add_argument(
+        "--steps-per-epoch", type=int, help="optimizer steps per epoch (default: from the recipe's data, one device)"
+    )
     imp = sub.add_parser("import-sparseml", help="convert a SparseML recipe; prints what it can not convert")
     imp.add_argument("file")
     imp.add_argument("-o", "--output", help="write the recipe here (default: standard output)")
@@ -199,63 +203,61 @@ def import_sparseml(file: str, output: str | None, prefix: str) -> int:
     return 0
 
 
-def validate_recipe(file: str, model_path: str | None, variables: dict, total_steps: int, steps_per_epoch: int) -> int:
-    """Print which parameters each method selects and its target per step, without training."""
-    import importlib
+def recipe_timeline(loaded: Any, total_steps: int | None, steps_per_epoch: int | None) -> Any:
+    """The run a recipe describes, on one device: steps per epoch from its data (and the trainer's
+    ``limit_train_batches`` / ``accumulate_grad_batches``), total steps from ``max_steps`` or ``max_epochs``."""
+    import math
 
-    from sparse_lightning.callbacks.base import SparsityCallback
-    from sparse_lightning.callbacks.mfac import CPU_NUM_GRADS, MFACPreconditioner
-    from sparse_lightning.core.schedules import sparsity_at
-    from sparse_lightning.core.targets import select_parameters
+    from sparse_lightning.core.plan import Timeline
+    from sparse_lightning.recipes.loader import instantiate
+
+    trainer = loaded.recipe.trainer
+    for name, value in (("--total-steps", total_steps), ("--steps-per-epoch", steps_per_epoch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}.")
+    if steps_per_epoch is None:
+        if loaded.recipe.data is None:
+            raise ConfigError(
+                f"{loaded.path}: the recipe names no data, so an epoch has no length: pass --steps-per-epoch."
+            )
+        data = instantiate(loaded.recipe.data.model_dump(), "data")
+        data.setup("fit")
+        batches = len(data.train_dataloader())
+        limit = trainer.get("limit_train_batches")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            batches = min(batches, limit)
+        elif isinstance(limit, float):
+            batches = int(batches * limit)
+        steps_per_epoch = max(1, math.ceil(batches / int(trainer.get("accumulate_grad_batches", 1))))
+    if total_steps is None:
+        max_steps = trainer.get("max_steps") or -1
+        total_steps = max_steps if max_steps > 0 else int(trainer.get("max_epochs") or 1000) * steps_per_epoch
+    return Timeline(float(total_steps), float(steps_per_epoch))
+
+
+def validate_recipe(
+    file: str, model_path: str | None, variables: dict, total_steps: int | None, steps_per_epoch: int | None
+) -> int:
+    """Print each method's plan (selection, events, memory) without training; errors are those ``fit`` gives."""
+    from sparse_lightning.callbacks.base import MethodCallback
     from sparse_lightning.recipes import load
+    from sparse_lightning.recipes.loader import instantiate
 
     loaded = load(file, **variables)
     spec = {"class_path": model_path, "init_args": {}} if model_path else loaded.recipe.model
-    if spec is None:
-        raise ConfigError(f"{file}: the recipe names no model; pass --model CLASS_PATH.")
-    spec = spec if isinstance(spec, dict) else spec.model_dump()
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    try:
-        model = getattr(importlib.import_module(module_name), class_name)(**spec["init_args"])
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"--model {spec['class_path']!r} can not be built: {err}") from None
+    spec = spec if spec is None or isinstance(spec, dict) else spec.model_dump()
+    model = instantiate(spec, "model")
+    timeline = recipe_timeline(loaded, total_steps, steps_per_epoch)
     print(f"{loaded.path}: {loaded.recipe.name} ({len(loaded.callbacks)} method(s)) on {spec['class_path']}")
-    params = dict(model.named_parameters())
+    print(f"plan for {int(timeline.total_steps)} optimizer steps, {int(timeline.steps_per_epoch)} per epoch")
     for i, callback in enumerate(loaded.callbacks):
-        if isinstance(callback, MFACPreconditioner):
-            names = callback.select(model)
-            dim = sum(params[n].numel() for n in names)
-            print(f"\n[{i}] MFACPreconditioner: {dim:,} coordinates")
-            for n in names:
-                print(f"    {n:40s} {str(tuple(params[n].shape)):>16s} {params[n].numel():>10d}")
-            m = callback.num_grads or CPU_NUM_GRADS
-            print(f"    window {m} x {dim:,} float32 = {4 * m * dim / 2**20:.1f} MiB (m = {m}; 1024 on CUDA if unset)")
-            continue
-        if not isinstance(callback, SparsityCallback):
+        if not isinstance(callback, MethodCallback):
             continue
         try:
-            names = select_parameters(model, callback.include, callback.exclude)
-            callback.validate(None, model, {n: params[n] for n in names})
+            plan = callback.plan(model, timeline)
         except ConfigError as err:
             raise ConfigError(f"{loaded.path}: method {i} ({type(callback).__name__}): {err}") from None
-        print(f"\n[{i}] {type(callback).__name__}")
-        for n in names:
-            print(f"    {n:40s} {str(tuple(params[n].shape)):>16s} {params[n].numel():>10d}")
-        if hasattr(callback, "phase_spec"):
-            print(f"    constant sparsity {callback.sparsity}; {callback.num_phases} grow-and-prune phases")
-        elif hasattr(callback, "start_spec") and not hasattr(callback, "curve"):
-            start = callback.start_spec.resolve(total_steps, steps_per_epoch)
-            end = min(callback.end_spec.resolve(total_steps, steps_per_epoch), total_steps - 1)
-            every = callback.every_spec.resolve(total_steps, steps_per_epoch)
-            print(f"    constant sparsity {callback.sparsity}; mask updates every {every} steps from {start} to {end}")
-        elif hasattr(callback, "start_spec"):
-            start = callback.start_spec.resolve(total_steps, steps_per_epoch)
-            end = min(callback.end_spec.resolve(total_steps, steps_per_epoch), total_steps - 1)
-            print(f"    target sparsity over {total_steps} steps (start {start}, end {end}):")
-            for k in range(11):
-                step = round(k * (total_steps - 1) / 10)
-                s = sparsity_at(step, start, end, callback.initial_sparsity, callback.sparsity, callback.curve)
-                print(f"    step {step:>7d}  {s:6.3f}  " + "#" * round(40 * s))
+        print(f"\n[{i}] {plan.summary()}")
     return 0
 
 

@@ -82,10 +82,15 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(num_grads: int, dim: int, blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+def window_bytes(num_grads: int, dim: int, block_size: int | None = None, dtype: torch.dtype = torch.float32) -> int:
+    """Memory of a sliding window: m x d values of ``dtype`` and two m x m float64 matrices per block."""
+    blocks, length = (math.ceil(dim / block_size), block_size) if block_size and block_size < dim else (1, dim)
+    return num_grads * blocks * length * dtype.itemsize + 2 * blocks * num_grads**2 * 8
+
+
+def check_fits(num_grads: int, dim: int, block_size: int | None, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse a window of ``num_grads`` x ``dim`` values that would not fit the free memory of ``device``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    need = num_grads * dim * itemsize + 2 * blocks * num_grads**2 * 8
+    need = window_bytes(num_grads, dim, block_size, dtype)
     free = free_memory(device)
     if need > 0.9 * free:
         raise ConfigError(
@@ -216,7 +221,7 @@ class SlidingInverseFisher:
             raise ConfigTypeError(f"`dtype` must be a floating-point dtype, got {self.dtype}.")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.blocks, self.length = _layout(self.dim, block_size, self.num_grads)
-        check_fits(self.num_grads, self.blocks * self.length, self.blocks, self.dtype, self.device)
+        check_fits(self.num_grads, self.dim, block_size, self.dtype, self.device)
         m = self.num_grads
         self.window = torch.zeros(self.blocks, m, self.length, dtype=self.dtype, device=self.device)
         eye = torch.eye(m, dtype=torch.float64, device=self.device).expand(self.blocks, m, m)

@@ -32,7 +32,8 @@ class Record(pl.Callback):
         self.history: list[tuple[int, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        self.history.append((trainer.global_step, MaskSet.of(pl_module).fingerprint()))
+        fingerprints = MaskSet.of(pl_module).fingerprints()
+        self.history.append((trainer.global_step, torch.stack(list(fingerprints.values()))))
 
 
 def main(out: Path) -> None:

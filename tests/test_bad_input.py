@@ -4,8 +4,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import QUIET, TinyNet, tiny_loader
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
 
-from sparse_lightning import ConstantMask, GradualMagnitudePruning, SparsityMonitor, masks_of
+from sparse_lightning import ConstantMask, GradualMagnitudePruning, MFACPreconditioner, SparsityMonitor, masks_of
 
 
 @pytest.mark.parametrize(
@@ -15,8 +16,8 @@ from sparse_lightning import ConstantMask, GradualMagnitudePruning, SparsityMoni
         ({"sparsity": -0.1}, r"`sparsity` must lie in \[0, 1\)"),
         ({"sparsity": "0.9"}, r"`sparsity` must be a number"),
         ({"sparsity": 0.5, "initial_sparsity": 0.6}, r"`initial_sparsity` \(0.6\) must not exceed `sparsity` \(0.5\)"),
-        ({"start": 100, "end": 50}, r"`end` \(50\) must come after `start` \(100\)"),
-        ({"start": "3ep", "end": "3ep"}, r"`end` \('3ep'\) must come after `start`"),
+        ({"start": 100, "end": 50}, r"`end`=50 \(step 50\) must come after `start`=100 \(step 100\)"),
+        ({"start": "3ep", "end": "3ep"}, r"`end`=3ep must come after `start`=3ep"),
         ({"end": 1.5}, r"`end` as a float is a fraction of training and must lie in \(0, 1\]"),
         ({"every": 0}, r"`every` must be >= 1"),
         ({"every": "soon"}, r"`every` must be .*could not parse 'soon'"),
@@ -76,11 +77,25 @@ def test_bad_input_fails_before_the_first_step_and_installs_nothing(kwargs, mess
         assert masks_of(model) == {}
 
 
-def test_unsupported_strategy_is_refused_at_setup():
-    fake_strategy = type("FSDPStrategy", (), {})()
-    trainer = SimpleNamespace(strategy=fake_strategy)
-    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy yet"):
-        ConstantMask().setup(trainer, TinyNet(), "fit")
+@pytest.mark.parametrize(
+    "strategy", [DeepSpeedStrategy, XLAStrategy, FSDPStrategy, ModelParallelStrategy], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("callback", [ConstantMask, MFACPreconditioner], ids=lambda c: c.__name__)
+def test_unserved_strategies_are_refused_by_name_at_setup(strategy, callback):
+    """Lightning's own classes: DeepSpeed and XLA subclass DDPStrategy and must still be refused.
+
+    The instances are made without ``__init__`` (which needs deepspeed / torch_xla installed): the check reads the
+    strategy's type only."""
+    trainer = SimpleNamespace(strategy=object.__new__(strategy), callbacks=[])
+    with pytest.raises(ValueError, match=f"{callback.__name__} does not support the {strategy.__name__} strategy"):
+        callback().setup(trainer, TinyNet(), "fit")
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"])
+def test_ddp_start_methods_are_served(name):
+    trainer, model = pl.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False), TinyNet()
+    ConstantMask().setup(trainer, model, "fit")
+    assert set(masks_of(model)) == {"conv.weight", "fc1.weight", "fc2.weight"}
 
 
 def test_checkpoint_from_other_selection_is_refused(tmp_path):

@@ -108,3 +108,28 @@ def test_log_model_without_wandb_is_refused_before_training(tmp_path, monkeypatc
     args = ["fit", "--recipe", str(RECIPES / "gmp-90-global.yaml"), "--log-model", "--trainer.logger=false"]
     assert main(args) == 2
     assert "--log-model needs the W&B logger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"end": 400}, "`end`=400 is optimizer step 400, but training has only 72 steps"),
+        ({"start": 50, "end": 40}, "`end`=40 (step 40) must come after `start`=50 (step 50)"),
+        ({"every": "0.01ep"}, "`every`=0.01ep resolves to 0 steps; it must be at least 1"),
+    ],
+)
+def test_validate_and_fit_give_the_same_error_for_a_bad_schedule(tmp_path, monkeypatch, capsys, args, message):
+    """72 steps: 2 epochs of 36 batches of MNIST-1D; both read the one rule (`Timeline.window`)."""
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((RECIPES / "gmp-90-global.yaml").read_text())
+    recipe["variables"]["epochs"] = 2
+    recipe["stages"][0]["methods"][0]["args"].update(args)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["recipes", "validate", str(path)]) == 2
+    validate_err = capsys.readouterr().err
+    fit = ["fit", "--recipe", str(path), "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+    assert main(fit) == 2
+    fit_err = capsys.readouterr().err
+    assert message in validate_err and message in fit_err, (validate_err, fit_err)
+    assert "Traceback" not in validate_err + fit_err

@@ -4,7 +4,9 @@ import lightning.pytorch as pl
 import pytest
 from helpers import QUIET, TinyNet, tiny_loader
 
-from sparse_lightning.callbacks.base import resolve_time
+from sparse_lightning.callbacks.base import timeline_of
+from sparse_lightning.core.errors import ConfigError
+from sparse_lightning.core.plan import Timeline
 from sparse_lightning.core.schedules import CURVES, is_event, parse_time, sparsity_at
 
 
@@ -84,8 +86,8 @@ def test_time_resolves_in_optimizer_steps(accumulate):
 
     class Probe(pl.Callback):
         def on_train_start(self, trainer, pl_module):
-            seen["ep"] = resolve_time(trainer, parse_time("2ep", "end"), "end")
-            seen["frac"] = resolve_time(trainer, parse_time(0.5, "end"), "end")
+            seen["ep"] = timeline_of(trainer).step(parse_time("2ep", "end"), "end")
+            seen["frac"] = timeline_of(trainer).step(parse_time(0.5, "end"), "end")
             seen["total"] = trainer.estimated_stepping_batches
 
     trainer = pl.Trainer(max_epochs=4, accumulate_grad_batches=accumulate, callbacks=[Probe()], **QUIET)
@@ -95,3 +97,42 @@ def test_time_resolves_in_optimizer_steps(accumulate):
     assert seen["total"] == 4 * per_epoch
     assert seen["frac"] == round(0.5 * 4 * per_epoch)
     assert trainer.global_step == 4 * per_epoch
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "every", "expected"),
+    [
+        (0, 1.0, 10, (0, 99, 10)),  # end = the run's length means its last step
+        ("1ep", "5ep", "0.5ep", (10, 50, 5)),
+        (0.1, 0.5, 1, (10, 50, 1)),
+    ],
+)
+def test_window_resolves_steps(start, end, every, expected):
+    timeline = Timeline(total_steps=100, steps_per_epoch=10)
+    spec = (parse_time(start, "start"), parse_time(end, "end"), parse_time(every, "every", allow_zero=False))
+    assert timeline.window(*spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "every", "message"),
+    [
+        (0, 101, 1, r"`end`=101 is optimizer step 101, but training has only 100 steps"),
+        (50, 50, 1, r"`end`=50 \(step 50\) must come after `start`=50 \(step 50\)"),
+        (0.99, 1.0, 1, r"`end`=1.0 \(step 99\) must come after `start`=0.99 \(step 99\)"),
+        (0, 50, "0.04ep", r"`every`=0.04ep resolves to 0 steps; it must be at least 1"),
+    ],
+)
+def test_window_rule_errors(start, end, every, message):
+    timeline = Timeline(total_steps=100, steps_per_epoch=10)
+    spec = (parse_time(start, "start"), parse_time(end, "end"), parse_time(every, "every", allow_zero=False))
+    with pytest.raises(ConfigError, match=message):
+        timeline.window(*spec)
+
+
+def test_unknown_length_refuses_fractions_and_epochs_but_not_steps():
+    timeline = Timeline(total_steps=math.inf, steps_per_epoch=math.inf)
+    assert timeline.window(parse_time(0, "start"), parse_time(500, "end"), parse_time(10, "every")) == (0, 500, 10)
+    with pytest.raises(ConfigError, match=r"`end`=0.5 is a fraction of training, but training has no fixed length"):
+        timeline.step(parse_time(0.5, "end"), "end")
+    with pytest.raises(ConfigError, match=r"`every`='2ep' counts epochs, but the training dataloader has no length"):
+        timeline.step(parse_time("2ep", "every"), "every")

@@ -1,7 +1,8 @@
 """The small base class that carries the plumbing, so each method file holds only its own mathematics.
 
-A subclass says *which* masks (``initial_masks``, ``compute_masks``) and *when* (``is_update_step``); the base
-selects the parameters, checks every argument before training, installs masks in the module's shared
+A subclass says *which* masks (``initial_masks``, ``compute_masks``) and *when* (``resolve_schedule``,
+``is_update_step``, ``events``) and declares its state (``add_state``); the base selects the parameters, checks every
+argument before training, describes the method as data (``plan``), installs masks in the module's shared
 :class:`~sparse_lightning.core.masks.MaskSet`, keeps masked weights at exactly zero through every optimizer step,
 zeroes the optimizer state of pruned entries, keeps ranks identical under DDP, logs, and saves and restores its
 state in checkpoints.
@@ -15,14 +16,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from sparse_lightning.callbacks.monitor import log_sparsity, log_wandb_details, should_log
+from sparse_lightning.callbacks.monitor import SparsityWriter, sparsity_writer
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
-from sparse_lightning.core.masks import MaskSet
+from sparse_lightning.core.masks import MaskSet, check_ranks_agree, fingerprint
 from sparse_lightning.core.patterns import Pattern
+from sparse_lightning.core.plan import Event, MethodPlan, Timeline
 from sparse_lightning.core.schedules import TimeSpec
 from sparse_lightning.core.targets import match_name, select_parameters
 
@@ -69,35 +71,149 @@ full pass over the masked weights per step (about 5% of a ResNet-18 step on one 
 """
 
 
-class SparsityCallback(pl.Callback):
+SERVED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
+"""Strategies served, matched by exact type: one device, and DDP with any start method (``"ddp"``, ``"ddp_spawn"``,
+``"ddp_fork"``, ``"ddp_notebook"`` all build a ``DDPStrategy``). Subclasses are refused: ``DeepSpeedStrategy`` and
+``XLAStrategy`` derive from ``DDPStrategy`` but shard or move parameters where masks would not reach them."""
+
+
+def check_strategy(trainer: pl.Trainer, owner: str) -> None:
+    """Refuse, by name, a strategy that :data:`SERVED_STRATEGIES` does not hold."""
+    strategy = type(trainer.strategy)
+    if strategy not in SERVED_STRATEGIES:
+        raise ConfigError(
+            f"{owner} does not support the {strategy.__name__} strategy: masks and method state would not reach "
+            "sharded or relocated parameters. Served: a single device, or DDP (`strategy='ddp'`, 'ddp_spawn', "
+            "'ddp_fork', 'ddp_notebook')."
+        )
+
+
+def timeline_of(trainer: pl.Trainer) -> Timeline:
+    """The run's length in optimizer steps, as Lightning estimates it (``math.inf`` where unknown)."""
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else math.inf
+    return Timeline(float(trainer.estimated_stepping_batches), float(per_epoch))
+
+
+def _saved(value: Any) -> Any:
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if hasattr(value, "load_state_dict"):
+        return _saved(value.state_dict())
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _saved(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_saved(v) for v in value]
+    return value
+
+
+def _restored(current: Any, saved: Any, device: torch.device) -> Any:
+    if isinstance(current, torch.Generator):
+        current.set_state(saved)
+        return current
+    if hasattr(current, "load_state_dict"):
+        current.load_state_dict(saved)
+        return current
+    if isinstance(saved, Tensor):
+        return saved.to(device).clone()
+    if isinstance(saved, dict):
+        return {k: _restored(None, v, device) for k, v in saved.items()}
+    return saved
+
+
+class MethodCallback(pl.Callback):
+    """What every method callback shares: declared state in checkpoints, the strategy check and :meth:`plan`.
+
+    A method declares each piece of its state once with :meth:`add_state` (as torchmetrics' ``add_state``): it is
+    saved in the callback's ``state_dict`` (tensors moved to the CPU, a ``torch.Generator`` as its state, so the
+    checkpoint loads with ``torch.load(weights_only=True)``; an object with ``state_dict``/``load_state_dict`` as
+    its state dict) and restored on the module's device on resume, also when Lightning loads it before ``setup``.
+    """
+
+    def __init__(self) -> None:
+        self._state_names: list[str] = []
+        self._module: pl.LightningModule | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def add_state(self, name: str, default: Any) -> None:
+        """Declare ``self.<name>`` (starting at ``default``) as state saved in checkpoints."""
+        if name in self._state_names:
+            raise RuntimeError(f"{type(self).__name__} declares state {name!r} twice.")
+        setattr(self, name, default)
+        self._state_names.append(name)
+
+    @property
+    def window(self) -> tuple[TimeSpec, TimeSpec] | None:
+        """``(start, end)`` as given, for methods that act within a window of training (``None`` otherwise)."""
+        return None
+
+    def plan(self, module: torch.nn.Module, timeline: Timeline) -> MethodPlan:
+        """What this callback would do on ``module`` over a run of ``timeline``; raises as training would."""
+        raise NotImplementedError
+
+    def states(self) -> dict[str, Any]:
+        return {name: _saved(getattr(self, name)) for name in self._state_names}
+
+    def load_states(self, state: Mapping[str, Any]) -> None:
+        device = self._module.device if self._module is not None else torch.device("cpu")
+        for name in self._state_names:
+            if name not in state:
+                raise ConfigError(
+                    f"The checkpoint's {type(self).__name__} state has no {name!r}: saved by another version?"
+                )
+            setattr(self, name, _restored(getattr(self, name), state[name], device))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self._module is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._load_now(state_dict)
+            self._pending_state = None
+
+    def _load_now(self, state: Mapping[str, Any]) -> None:
+        self.load_states(state)
+
+
+class SparsityCallback(MethodCallback):
     """Base of every mask-producing callback.
 
     Args:
         include: parameter-name patterns to select (globs or ``re:`` regexes). Default: the ``weight`` of every
             Linear and ConvNd module.
         exclude: patterns removed from the selection.
-        log_sparsity: log sparsity scalars (and, with a ``WandbLogger``, a per-layer table and histograms at each
-            mask update) through the shared helper in :mod:`sparse_lightning.callbacks.monitor`.
+        log_sparsity: log sparsity through the shared helper of :mod:`sparse_lightning.callbacks.monitor`: one
+            writer (a :class:`~sparse_lightning.callbacks.monitor.SparsityMonitor` if there is one, otherwise the
+            first callback with ``log_sparsity``) logs every mask on the module, however many methods share it.
+
+    Under DDP every rank computes its masks itself (from the same weights and the same averaged gradients); after
+    each update the ranks compare fingerprints of the new masks and of the selected weights and raise, naming the
+    method, the parameters and the ranks, if they differ.
     """
 
-    SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+    sparsity: float | None = None
+    """The final fraction of zeros over the selected weights (``None``: set by something else, the model's zeros)."""
 
     def __init__(
         self,
+        *,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log_sparsity: bool = True,
     ) -> None:
+        super().__init__()
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
         if not isinstance(log_sparsity, bool):
             raise ConfigTypeError(f"`log_sparsity` must be a bool, got {log_sparsity!r}.")
         self.log_sparsity = log_sparsity
         self.names: list[str] = []
-        self.last_update_step = -1
-        self._module: pl.LightningModule | None = None
-        self._pending_state: dict[str, Any] | None = None
         self._handles: list[RemovableHandle] = []
+        self._writer = SparsityWriter()
+        self.add_state("last_update_step", -1)
 
     # --- what a method provides --------------------------------------------------------------------------------
 
@@ -106,11 +222,19 @@ class SparsityCallback(pl.Callback):
         """The sparsity this callback is aiming at now (logged as ``sparsity/target``)."""
         return None
 
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
-        """Check the selected parameters before any mask is installed; raise ``ValueError`` on bad input."""
+    def validate(self, params: Mapping[str, Tensor]) -> None:
+        """Check the selected parameters before any mask is installed; raise ``ConfigError`` on bad input."""
 
-    def resolve_schedule(self, trainer: pl.Trainer) -> None:
-        """Turn time arguments into optimizer steps once the number of training steps is known."""
+    def resolve_schedule(self, timeline: Timeline) -> None:
+        """Turn time arguments into optimizer steps for a run of ``timeline`` (one rule: :meth:`Timeline.window`)."""
+
+    def events(self) -> list[Event]:
+        """What happens when, once :meth:`resolve_schedule` has run (initial masks at ``setup`` are not listed)."""
+        return []
+
+    def memory_bytes(self, params: Mapping[str, Tensor]) -> int:
+        """Extra memory this method holds besides the masks (bytes)."""
+        return 0
 
     def initial_masks(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Masks installed at ``setup`` for the selected parameters that have none yet (missing: keep everything)."""
@@ -123,11 +247,29 @@ class SparsityCallback(pl.Callback):
         """New masks for ``self.names`` at optimizer step ``step``."""
         raise NotImplementedError
 
-    def extra_state(self) -> dict[str, Any]:
-        return {}
+    def layer_targets(self) -> dict[str, float]:
+        """Per selected parameter, the fraction its mask removes (the method's current per-layer target)."""
+        return {n: self.mask_set.sparsity([n]) for n in self.names}
 
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        pass
+    # --- the plan ----------------------------------------------------------------------------------------------
+
+    def select(self, module: torch.nn.Module) -> dict[str, Tensor]:
+        """The selected parameters of ``module``, checked by :meth:`validate`."""
+        params = dict(module.named_parameters())
+        selected = {n: params[n] for n in select_parameters(module, self.include, self.exclude)}
+        self.validate(selected)
+        return selected
+
+    def plan(self, module: torch.nn.Module, timeline: Timeline) -> MethodPlan:
+        selected = self.select(module)
+        self.resolve_schedule(timeline)
+        return MethodPlan(
+            method=type(self).__name__,
+            parameters={n: tuple(p.shape) for n, p in selected.items()},
+            target=self.sparsity,
+            events=self.events(),
+            memory_bytes=self.memory_bytes(selected),
+        )
 
     # --- plumbing ----------------------------------------------------------------------------------------------
 
@@ -156,22 +298,16 @@ class SparsityCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, self.SUPPORTED_STRATEGIES):
-            raise ConfigError(
-                f"{type(self).__name__} does not support the {type(trainer.strategy).__name__} strategy yet: masks "
-                "would not reach the sharded parameters. Use a single device or `strategy='ddp'`."
-            )
-        names = select_parameters(pl_module, self.include, self.exclude)
-        params = dict(pl_module.named_parameters())
-        selected = {n: params[n] for n in names}
-        self.validate(trainer, pl_module, selected)
+        check_strategy(trainer, type(self).__name__)
+        selected = self.select(pl_module)
         initial = self.initial_masks(selected)
-        self._module, self.names, self.last_update_step = pl_module, names, -1
-        for name in names:
-            self.mask_set.add(name, params[name], initial.get(name))
+        self._module, self.names, self.last_update_step = pl_module, list(selected), -1
+        for name, param in selected.items():
+            self.mask_set.add(name, param, initial.get(name))
         if self._pending_state is not None:
             self._load_now(self._pending_state)
-        self.mask_set.apply_to_weights(params, names)
+            self._pending_state = None
+        self.mask_set.apply_to_weights(self.params(), self.names)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -179,12 +315,12 @@ class SparsityCallback(pl.Callback):
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.resolve_schedule(trainer)
+        self.resolve_schedule(timeline_of(trainer))
         params = self.params()
         self.mask_set.apply_to_weights(params, self.names)
         for optimizer in trainer.optimizers:  # state restored from a checkpoint (or a dense run) included
             self.mask_set.apply_to_optimizer_state(optimizer, params, self.names)
-        self._sync_ranks()
+        self._check_ranks(params)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -195,34 +331,34 @@ class SparsityCallback(pl.Callback):
         self.mask_set.apply_to_grads(self.params(), self.names)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Compute new masks, make ranks agree, and apply them to weights, gradients and optimizer state."""
+        """Compute new masks, check that ranks agree, and apply them to weights, gradients and optimizer state."""
         params = self.params()
-        new_masks = self.compute_masks(step, params)
-        for name, mask in new_masks.items():
+        for name, mask in self.compute_masks(step, params).items():
             self.mask_set.update(name, mask)
-        self._sync_ranks()
+        self._check_ranks(params)
         self.mask_set.apply_to_weights(params, self.names)
         for optimizer in trainer.optimizers:
             self.mask_set.apply_to_optimizer_state(optimizer, params, self.names)
         self.last_update_step = step
-        if self.log_sparsity:
-            log_wandb_details(trainer, pl_module, self.names)
 
-    def _sync_ranks(self) -> None:
-        self.mask_set.broadcast(self.names)
-        self.mask_set.check_agreement(self.names)
+    def _check_ranks(self, params: Mapping[str, Tensor]) -> None:
+        """What this rank computed (masks, and the selected weights, which OBS-style methods change) against the
+        other ranks'; raises naming the method, the parameters and the ranks."""
+        owner = f"{type(self).__name__} at step {self._module.trainer.global_step if self._module else '?'}"
+        check_ranks_agree(self.mask_set.fingerprints(self.names), "masks", owner)
+        check_ranks_agree({n: fingerprint(params[n]) for n in self.names}, "weights", owner)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         if type(optimizer) not in ZERO_PRESERVING_OPTIMIZERS:
             self.mask_set.apply_to_weights(self.params(), self.names)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.log_sparsity and should_log(trainer):
-            log_sparsity(trainer, pl_module, self.names, self.current_target)
+        if self.log_sparsity and sparsity_writer(trainer) is self:
+            self._writer.write_step(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.log_sparsity:
-            log_wandb_details(trainer, pl_module, self.names)
+        if self.log_sparsity and sparsity_writer(trainer) is self:
+            self._writer.write_details(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -237,20 +373,7 @@ class SparsityCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._module is None:
             return {}
-        return {
-            "names": list(self.names),
-            "masks": self.mask_set.state_dict(self.names),
-            "last_update_step": self.last_update_step,
-            **self.extra_state(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self._module is None:
-            self._pending_state = dict(state_dict)
-        else:
-            self._load_now(state_dict)
+        return {"names": list(self.names), "masks": self.mask_set.state_dict(self.names), **self.states()}
 
     def _load_now(self, state: Mapping[str, Any]) -> None:
         if list(state["names"]) != self.names:
@@ -261,9 +384,7 @@ class SparsityCallback(pl.Callback):
         params = self.params()
         self.mask_set.load_state_dict(state["masks"], params)
         self.mask_set.apply_to_weights(params, self.names)
-        self.last_update_step = int(state["last_update_step"])
-        self.load_extra_state(state)
-        self._pending_state = None
+        self.load_states(state)
 
 
 def skip_optimizer_step(trainer: pl.Trainer) -> None:
@@ -275,22 +396,6 @@ def skip_optimizer_step(trainer: pl.Trainer) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
-
-
-def resolve_time(trainer: pl.Trainer, spec: TimeSpec, name: str) -> int:
-    """An optimizer step for one time argument, from the trainer's estimate of the training length."""
-    if spec.kind == "steps":
-        return int(spec.value)
-    total = trainer.estimated_stepping_batches
-    if spec.kind == "fraction":
-        if not math.isfinite(total):
-            raise ConfigError(f"`{name}`={spec.text} is a fraction of training, but training has no fixed length.")
-        return int(round(spec.value * total))
-    batches = trainer.num_training_batches
-    if not math.isfinite(batches):
-        raise ConfigError(f"`{name}`={spec.text!r} counts epochs, but the training dataloader has no length.")
-    steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-    return int(round(spec.value * steps_per_epoch))
 
 
 def select_overrides(names: Sequence[str], overrides: Mapping[str, float] | None) -> dict[str, float]:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, resolve_time
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, random_masks, smallest
 from sparse_lightning.core.errors import ConfigError, check_int
+from sparse_lightning.core.plan import Event, Timeline
 from sparse_lightning.core.schedules import TimeValue, parse_time
 
 
@@ -36,6 +34,7 @@ class GaP(SparsityCallback):
     def __init__(
         self,
         sparsity: float = 0.9,
+        *,
         parts: int = 4,
         phase: TimeValue = "1ep",
         cycles: int = 1,
@@ -56,9 +55,9 @@ class GaP(SparsityCallback):
         self.distribution = check_distribution(distribution)
         self.phase_spec = parse_time(phase, "phase", allow_zero=False)
         self.start_spec = parse_time(start, "start")
-        self.generator = torch.Generator().manual_seed(seed)
         self.start_step = self.phase_steps = None
-        self.prune_counts: dict[str, int] = {}
+        self.add_state("generator", torch.Generator().manual_seed(seed))
+        self.add_state("prune_counts", {})
 
     @property
     def current_target(self) -> float | None:
@@ -71,7 +70,7 @@ class GaP(SparsityCallback):
     def part_of(self, name: str) -> int:
         return self.names.index(name) % self.parts
 
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
+    def validate(self, params: Mapping[str, Tensor]) -> None:
         if self.parts > len(params):
             raise ConfigError(f"`parts`={self.parts} is more than the {len(params)} selected parameters.")
 
@@ -82,19 +81,23 @@ class GaP(SparsityCallback):
         self.prune_counts = {n: int((~m).sum()) for n, m in masks.items()}
         return masks
 
-    def resolve_schedule(self, trainer: pl.Trainer) -> None:
-        start = resolve_time(trainer, self.start_spec, "start")
-        phase = resolve_time(trainer, self.phase_spec, "phase")
+    def resolve_schedule(self, timeline: Timeline) -> None:
+        start = timeline.step(self.start_spec, "start")
+        phase = timeline.step(self.phase_spec, "phase")
         if phase < 1:
             raise ConfigError(f"`phase`={self.phase_spec.text} resolves to {phase} steps; it must be at least 1.")
         last = start + self.num_phases * phase
-        total = trainer.estimated_stepping_batches
-        if math.isfinite(total) and last >= total:
+        if timeline.finite and last >= timeline.total_steps:
             raise ConfigError(
                 f"{self.num_phases} phases of {phase} steps from step {start} end at step {last}, but training has "
-                f"only {int(total)} steps: lower `parts`, `cycles` or `phase`."
+                f"only {int(timeline.total_steps)} steps: lower `parts`, `cycles` or `phase`."
             )
         self.start_step, self.phase_steps = start, phase
+
+    def events(self) -> list[Event]:
+        assert self.start_step is not None and self.phase_steps is not None
+        kinds = ["grow", *["prune/grow"] * (self.num_phases - 1), "prune"]
+        return [Event(self.start_step + j * self.phase_steps, kind, self.sparsity) for j, kind in enumerate(kinds)]
 
     def is_update_step(self, step: int) -> bool:
         assert self.start_step is not None and self.phase_steps is not None
@@ -113,10 +116,3 @@ class GaP(SparsityCallback):
                 magnitude = params[name].detach().abs().flatten().float()
                 new_masks[name] = ~smallest(magnitude, self.prune_counts[name]).view_as(mask)
         return new_masks
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "prune_counts": dict(self.prune_counts)}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.prune_counts = {k: int(v) for k, v in state["prune_counts"].items()}

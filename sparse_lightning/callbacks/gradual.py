@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from sparse_lightning.callbacks.base import (
-    SparsityCallback,
-    check_fraction,
-    check_pattern_fits,
-    resolve_time,
-    select_overrides,
-)
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_pattern_fits, select_overrides
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, layer_densities, pruned_units
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
 from sparse_lightning.core.patterns import parse_pattern
-from sparse_lightning.core.schedules import TimeValue, check_curve, is_event, parse_time, sparsity_at
+from sparse_lightning.core.plan import Event, Timeline, check_window
+from sparse_lightning.core.schedules import TimeSpec, TimeValue, check_curve, is_event, parse_time, sparsity_at
 
 
 @register("gradual_magnitude")
@@ -60,6 +54,7 @@ class GradualMagnitudePruning(SparsityCallback):
     def __init__(
         self,
         sparsity: float = 0.9,
+        *,
         initial_sparsity: float = 0.0,
         start: TimeValue = 0,
         end: TimeValue = 0.75,
@@ -84,8 +79,7 @@ class GradualMagnitudePruning(SparsityCallback):
         self.start_spec = parse_time(start, "start")
         self.end_spec = parse_time(end, "end")
         self.every_spec = parse_time(every, "every", allow_zero=False)
-        if self.start_spec.kind == self.end_spec.kind and self.end_spec.value <= self.start_spec.value:
-            raise ConfigError(f"`end` ({end!r}) must come after `start` ({start!r}).")
+        check_window(self.start_spec, self.end_spec, self.every_spec)
         self.curve = check_curve(curve)
         self.distribution = check_distribution(distribution)
         self.pattern = parse_pattern(pattern)
@@ -111,7 +105,11 @@ class GradualMagnitudePruning(SparsityCallback):
         assert self.start_step is not None and self.end_step is not None
         return sparsity_at(step, self.start_step, self.end_step, self.initial_sparsity, self.sparsity, self.curve)
 
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
+    @property
+    def window(self) -> tuple[TimeSpec, TimeSpec]:
+        return self.start_spec, self.end_spec
+
+    def validate(self, params: Mapping[str, Tensor]) -> None:
         check_pattern_fits(self.pattern, params)
         self._layer_overrides = select_overrides(list(params), self.overrides)
         for name, value in self._layer_overrides.items():
@@ -132,24 +130,15 @@ class GradualMagnitudePruning(SparsityCallback):
                     f"`overrides` keep more weights than `sparsity` {self.sparsity} allows over the selected layers."
                 )
 
-    def resolve_schedule(self, trainer: pl.Trainer) -> None:
-        total = trainer.estimated_stepping_batches
-        start = resolve_time(trainer, self.start_spec, "start")
-        end = resolve_time(trainer, self.end_spec, "end")
-        every = max(1, resolve_time(trainer, self.every_spec, "every"))
-        if math.isfinite(total) and end >= total:
-            if end > total:
-                raise ConfigError(
-                    f"`end`={self.end_spec.text} is optimizer step {end}, but training has only {int(total)} steps: "
-                    "the target sparsity would never be reached."
-                )
-            end = int(total) - 1
-        if end <= start:
-            raise ConfigError(
-                f"`end`={self.end_spec.text} (step {end}) must come after "
-                f"`start`={self.start_spec.text} (step {start})."
-            )
-        self.start_step, self.end_step, self.every_steps = start, end, every
+    def resolve_schedule(self, timeline: Timeline) -> None:
+        self.start_step, self.end_step, self.every_steps = timeline.window(
+            self.start_spec, self.end_spec, self.every_spec
+        )
+
+    def events(self) -> list[Event]:
+        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
+        steps = [*range(self.start_step, self.end_step, self.every_steps), self.end_step]
+        return [Event(step, "prune", self.target_at(step)) for step in dict.fromkeys(steps)]
 
     def is_update_step(self, step: int) -> bool:
         assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
@@ -180,9 +169,6 @@ class GradualMagnitudePruning(SparsityCallback):
                 f"Training stopped at step {trainer.global_step}, before `end` (step {self.end_step}): the sparsity "
                 f"is {self.current_target:.4f}, not the target {self.sparsity}."
             )
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"schedule": [self.start_step, self.end_step, self.every_steps]}
 
 
 @register("constant_mask")

@@ -11,11 +11,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from sparse_lightning.callbacks.base import SparsityCallback, skip_optimizer_step
+from sparse_lightning.callbacks.base import MethodCallback, SparsityCallback, check_strategy, skip_optimizer_step
 from sparse_lightning.callbacks.gradual import GradualMagnitudePruning
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, check_int
 from sparse_lightning.core.masks import masks_of
+from sparse_lightning.core.plan import MethodPlan, Timeline
 from sparse_lightning.core.schedules import TimeValue, next_event
 from sparse_lightning.core.targets import select_parameters
 from sparse_lightning.mfac import (
@@ -26,9 +27,8 @@ from sparse_lightning.mfac import (
     obs_saliency,
     obs_update,
     split_flat,
+    window_bytes,
 )
-
-CPU_NUM_GRADS = 128
 
 
 def flat_keep(module: torch.nn.Module, names: Sequence[str], params: Mapping[str, Tensor]) -> Tensor:
@@ -40,7 +40,7 @@ def flat_keep(module: torch.nn.Module, names: Sequence[str], params: Mapping[str
 
 
 @register("mfac_preconditioner")
-class MFACPreconditioner(pl.Callback):
+class MFACPreconditioner(MethodCallback):
     """Precondition any optimizer's step with M-FAC (Frantar, Kurtic & Alistarh, NeurIPS 2021, arXiv:2107.03356).
 
     In ``on_before_optimizer_step`` the gradient of the selected parameters (accumulated, unscaled and, under DDP,
@@ -69,11 +69,13 @@ class MFACPreconditioner(pl.Callback):
     def __init__(
         self,
         num_grads: int | None = None,
+        *,
         damp: float = 1e-5,
         block_size: int | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
     ) -> None:
+        super().__init__()
         self.num_grads = check_int("num_grads", num_grads, 1, allow_none=True)
         self.damp = check_damp(damp)
         self.block_size = check_int("block_size", block_size, 1, allow_none=True)
@@ -81,24 +83,42 @@ class MFACPreconditioner(pl.Callback):
             raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
         self.include, self.exclude = include, exclude
         self.names: list[str] = []
-        self.fisher: SlidingInverseFisher | None = None
-        self.keep: Tensor | None = None
-        self.skipped_steps = 0
-        self._module: pl.LightningModule | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self.add_state("fisher", None)
+        self.add_state("keep", None)
+        self.add_state("skipped_steps", 0)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude)
 
+    def window_length(self, device: torch.device) -> int:
+        """m: ``num_grads``, or the paper's 1024 on CUDA and 128 elsewhere (memory m x d float32 values)."""
+        return self.num_grads or (1024 if device.type == "cuda" else 128)
+
+    def select(self, module: torch.nn.Module) -> list[str]:
+        """Names of the preconditioned parameters: ``include`` (default: all that require a gradient) less
+        ``exclude``."""
+        include = self.include or [n for n, p in module.named_parameters() if p.requires_grad]
+        return select_parameters(module, include, self.exclude)
+
+    def plan(self, module: torch.nn.Module, timeline: Timeline) -> MethodPlan:
+        params = dict(module.named_parameters())
+        names = self.select(module)
+        dim = sum(params[n].numel() for n in names)
+        device = next(iter(params.values())).device
+        m = self.window_length(device)
+        return MethodPlan(
+            method=type(self).__name__,
+            parameters={n: tuple(params[n].shape) for n in names},
+            target=None,
+            memory_bytes=window_bytes(m, dim, self.block_size),
+            notes=[f"window of {m} gradients x {dim:,} coordinates, float32 ({device.type}), damp {self.damp:g}"],
+        )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, SparsityCallback.SUPPORTED_STRATEGIES):
-            raise ConfigError(
-                f"MFACPreconditioner does not support the {type(trainer.strategy).__name__} strategy: the window "
-                "needs whole gradients. Use a single device or `strategy='ddp'`."
-            )
+        check_strategy(trainer, type(self).__name__)
         mine = trainer.callbacks.index(self)
         later = [type(c).__name__ for c in trainer.callbacks[mine + 1 :] if isinstance(c, SparsityCallback)]
         if later:
@@ -107,23 +127,18 @@ class MFACPreconditioner(pl.Callback):
                 "gradient with F^-1 g, which mask-producing callbacks must not read."
             )
         self.names = self.select(pl_module)
-        self._module = pl_module
-
-    def select(self, module: torch.nn.Module) -> list[str]:
-        """Names of the preconditioned parameters: ``include`` (default: all that require a gradient) less
-        ``exclude``."""
-        include = self.include or [n for n, p in module.named_parameters() if p.requires_grad]
-        return select_parameters(module, include, self.exclude)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = dict(pl_module.named_parameters())
         dim = sum(params[n].numel() for n in self.names)
         device = pl_module.device
-        num_grads = self.num_grads or (1024 if device.type == "cuda" else CPU_NUM_GRADS)
-        self.fisher = SlidingInverseFisher(dim, num_grads, self.damp, device, block_size=self.block_size)
+        m = self.window_length(device)
+        self.fisher = SlidingInverseFisher(dim, m, self.damp, device, block_size=self.block_size)
         self.keep = torch.ones(dim, dtype=torch.bool, device=device)
+        self._module = pl_module
         if self._pending_state is not None:
             self._load_now(self._pending_state)
+            self._pending_state = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -155,32 +170,15 @@ class MFACPreconditioner(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.fisher is None:
             return {}
-        return {
-            "names": list(self.names),
-            "fisher": self.fisher.state_dict(),
-            "keep": self.keep,
-            "skipped_steps": self.skipped_steps,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.fisher is None:
-            self._pending_state = dict(state_dict)
-        else:
-            self._load_now(state_dict)
+        return {"names": list(self.names), **self.states()}
 
     def _load_now(self, state: Mapping[str, Any]) -> None:
-        assert self.fisher is not None
         if list(state["names"]) != self.names:
             raise ConfigError(
                 f"The checkpoint's MFACPreconditioner covers {state['names']}, but this one selects {self.names}. "
                 "Use the same `include`/`exclude` as the run that saved it."
             )
-        self.fisher.load_state_dict(state["fisher"])
-        self.keep = state["keep"].to(self.fisher.device).clone()
-        self.skipped_steps = int(state["skipped_steps"])
-        self._pending_state = None
+        self.load_states(state)
 
 
 @register("mfac_pruning")
@@ -211,6 +209,7 @@ class MFACPruning(GradualMagnitudePruning):
     def __init__(
         self,
         sparsity: float = 0.9,
+        *,
         initial_sparsity: float = 0.0,
         start: TimeValue = 0,
         end: TimeValue = 0.75,
@@ -230,18 +229,18 @@ class MFACPruning(GradualMagnitudePruning):
     ) -> None:
         super().__init__(
             sparsity,
-            initial_sparsity,
-            start,
-            end,
-            every,
-            curve,
-            distribution,
-            pattern,
-            include,
-            exclude,
-            overrides,
-            min_density,
-            log_sparsity,
+            initial_sparsity=initial_sparsity,
+            start=start,
+            end=end,
+            every=every,
+            curve=curve,
+            distribution=distribution,
+            pattern=pattern,
+            include=include,
+            exclude=exclude,
+            overrides=overrides,
+            min_density=min_density,
+            log_sparsity=log_sparsity,
         )
         self.num_grads = check_int("num_grads", num_grads, 1)
         self.damp = check_damp(damp)
@@ -249,9 +248,13 @@ class MFACPruning(GradualMagnitudePruning):
         self.recomputations = check_int("recomputations", recomputations, 1)
         if self.block_size is not None and self.block_size < self.num_grads:
             raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
-        self.grads: Tensor | None = None
-        self.filled = 0
-        self.next_row = 0
+        self.add_state("grads", None)
+        self.add_state("filled", 0)
+        self.add_state("next_row", 0)
+
+    def memory_bytes(self, params: Mapping[str, Tensor]) -> int:
+        """The gradient buffer, held only in the ``num_grads`` steps before each event: m x d float32."""
+        return 4 * self.num_grads * sum(p.numel() for p in params.values())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -314,16 +317,3 @@ class MFACPruning(GradualMagnitudePruning):
 
     def _free(self) -> None:
         self.grads, self.filled, self.next_row = None, 0, 0
-
-    def extra_state(self) -> dict[str, Any]:
-        return {
-            **super().extra_state(),
-            "grads": self.grads if self.grads is not None else torch.empty(0),
-            "filled": self.filled,
-            "next_row": self.next_row,
-        }
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        super().load_extra_state(state)
-        self.grads = state["grads"].clone() if state["grads"].numel() else None
-        self.filled, self.next_row = int(state["filled"]), int(state["next_row"])

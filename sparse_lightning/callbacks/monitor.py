@@ -1,9 +1,16 @@
-"""Sparsity logging: the one helper every callback uses, and the :class:`SparsityMonitor` callback.
+"""Sparsity logging: the one writer for a module's masks, and the :class:`SparsityMonitor` callback.
 
-Scalars go through ``pl_module.log`` so every Lightning logger receives them: ``sparsity/global`` (fraction of
-exact zeros over the masked weights), ``sparsity/target`` (the scheduled target) and ``sparsity/<parameter name>``.
-``sparsity/global`` is also shown in the progress bar. With a ``WandbLogger``, :func:`log_wandb_details` adds a
-per-layer table (``sparsity/layers``) and histograms of the kept weights (``weights/<parameter name>``).
+However many methods mask one module, one callback writes its sparsity: a :class:`SparsityMonitor` if the trainer
+has one, otherwise the first mask-producing callback with ``log_sparsity=True`` (:func:`sparsity_writer`). Scalars
+go through ``pl_module.log`` so every Lightning logger receives them:
+
+- ``sparsity/global``: fraction of exact zeros over every masked parameter of the module (also in the progress bar);
+- ``sparsity/target``: the methods' current targets, weighted by the number of values each selects;
+- ``sparsity/<parameter name>``: fraction of exact zeros of each masked parameter.
+
+With a ``WandbLogger``, :func:`log_wandb_details` adds a per-layer table (``sparsity/layers``, with each layer's
+target: the fraction its mask removes) and histograms of the kept weights (``weights/<parameter name>``), after
+every change of the masks and at the end of ``fit``.
 """
 
 from __future__ import annotations
@@ -32,17 +39,38 @@ def weight_sparsities(params: Mapping[str, Tensor], names: Iterable[str]) -> tup
     return (zeros / total if total else 0.0), per_layer
 
 
-def log_sparsity(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    names: Iterable[str],
-    target: float | None,
-    prog_bar: bool = True,
-) -> dict[str, float]:
-    """Log ``sparsity/global``, ``sparsity/target`` and ``sparsity/<name>`` through ``pl_module.log``."""
-    params = dict(pl_module.named_parameters())
-    global_sparsity, per_layer = weight_sparsities(params, names)
+def _methods(trainer: pl.Trainer) -> list:
+    from sparse_lightning.callbacks.base import SparsityCallback
+
+    return [cb for cb in trainer.callbacks if isinstance(cb, SparsityCallback)]
+
+
+def sparsity_writer(trainer: pl.Trainer) -> pl.Callback | None:
+    """The one callback that logs the module's sparsity (see the module docstring)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, SparsityMonitor):
+            return cb
+    return next((cb for cb in _methods(trainer) if cb.log_sparsity), None)
+
+
+def combined_target(trainer: pl.Trainer) -> float | None:
+    """The methods' current targets weighted by how many values each selects (``None`` if none has a target)."""
+    weighted, total = 0.0, 0
+    for cb in _methods(trainer):
+        if cb.current_target is not None:
+            n = cb.num_selected
+            weighted, total = weighted + cb.current_target * n, total + n
+    return weighted / total if total else None
+
+
+def log_sparsity(trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True) -> dict[str, float]:
+    """Log ``sparsity/global``, ``sparsity/target`` and ``sparsity/<name>`` over every mask of ``pl_module``."""
+    names = MaskSet.of(pl_module).names()
+    if not names:
+        return {}
+    global_sparsity, per_layer = weight_sparsities(dict(pl_module.named_parameters()), names)
     values = {"sparsity/global": global_sparsity}
+    target = combined_target(trainer)
     if target is not None:
         values["sparsity/target"] = float(target)
     values.update({f"sparsity/{name}": value for name, value in per_layer.items()})
@@ -66,28 +94,23 @@ def should_log(trainer: pl.Trainer) -> bool:
 
 
 @rank_zero_only
-def log_wandb_details(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    names: Iterable[str],
-    targets: Mapping[str, float] | None = None,
-    histograms: bool = True,
-) -> None:
-    """With a ``WandbLogger``: a per-layer table and histograms of the kept (non-zero) weights."""
+def log_wandb_details(trainer: pl.Trainer, pl_module: pl.LightningModule, histograms: bool = True) -> None:
+    """With a ``WandbLogger``: a per-layer table of every masked parameter and histograms of the kept weights."""
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-    if not loggers:
+    mask_set = MaskSet.of(pl_module)
+    if not loggers or not len(mask_set):
         return
     import wandb
 
     params = dict(pl_module.named_parameters())
-    mask_set = MaskSet.of(pl_module)
-    names = list(names)
+    targets: dict[str, float] = {}
+    for cb in _methods(trainer):
+        targets.update(cb.layer_targets())
     rows = []
-    for name in names:
+    for name in mask_set.names():
         p = params[name].detach()
         zeros = int((p == 0).sum())
-        target = (targets or {}).get(name)
-        rows.append([name, str(tuple(p.shape)), p.numel(), p.numel() - zeros, zeros / p.numel(), target])
+        rows.append([name, str(tuple(p.shape)), p.numel(), p.numel() - zeros, zeros / p.numel(), targets.get(name)])
     step = trainer.global_step
     for logger in loggers:
         logger.log_table(
@@ -98,27 +121,49 @@ def log_wandb_details(
         )
         if histograms:
             hist = {}
-            for name in names:
+            for name in mask_set.names():
                 p = params[name].detach()
-                kept = p[mask_set.mask_for(name, p)] if name in mask_set else p[p != 0]
+                kept = p[mask_set.mask_for(name, p)]
                 if kept.numel():
                     hist[f"weights/{name}"] = wandb.Histogram(kept.float().cpu().numpy())
             if hist:
                 logger.experiment.log({**hist, "trainer/global_step": step})
 
 
+class SparsityWriter:
+    """What the writing callback does: scalars when Lightning logs, W&B details when the masks have changed."""
+
+    def __init__(self) -> None:
+        self._logged_version = 0
+
+    def write_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True, histograms: bool = True
+    ) -> None:
+        if should_log(trainer):
+            log_sparsity(trainer, pl_module, prog_bar)
+        version = MaskSet.of(pl_module).version
+        if version != self._logged_version:
+            self.write_details(trainer, pl_module, histograms)
+
+    def write_details(self, trainer: pl.Trainer, pl_module: pl.LightningModule, histograms: bool = True) -> None:
+        self._logged_version = MaskSet.of(pl_module).version
+        log_wandb_details(trainer, pl_module, histograms)
+
+
 class SparsityMonitor(pl.Callback):
-    """Log the sparsity of every masked parameter of the module, whichever method masks it.
+    """Log the sparsity of every masked parameter of the module, whichever methods mask it.
+
+    With a monitor in the trainer, it is the one writer (the methods' own ``log_sparsity`` is then unused).
 
     Args:
         prog_bar: show ``sparsity/global`` in the progress bar.
-        wandb_details: with a ``WandbLogger``, log the per-layer table and weight histograms at the end of every
-            training epoch and of ``fit``.
+        wandb_details: with a ``WandbLogger``, log the per-layer table and weight histograms after each change of
+            the masks, at the end of every training epoch and of ``fit``.
         histograms: include the weight histograms in those details.
 
     Example::
 
-        trainer = Trainer(callbacks=[GradualMagnitudePruning(sparsity=0.9, log_sparsity=False), SparsityMonitor()])
+        trainer = Trainer(callbacks=[GradualMagnitudePruning(sparsity=0.9), SparsityMonitor(prog_bar=False)])
     """
 
     def __init__(self, prog_bar: bool = True, wandb_details: bool = True, histograms: bool = True) -> None:
@@ -128,24 +173,18 @@ class SparsityMonitor(pl.Callback):
         self.prog_bar = prog_bar
         self.wandb_details = wandb_details
         self.histograms = histograms
-
-    @staticmethod
-    def _target(trainer: pl.Trainer) -> float | None:
-        from sparse_lightning.callbacks.base import SparsityCallback
-
-        weighted, total = 0.0, 0
-        for cb in trainer.callbacks:
-            if isinstance(cb, SparsityCallback) and cb.current_target is not None:
-                n = cb.num_selected
-                weighted, total = weighted + cb.current_target * n, total + n
-        return weighted / total if total else None
+        self._writer = SparsityWriter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        names = MaskSet.of(pl_module).names()
-        if names and should_log(trainer):
-            log_sparsity(trainer, pl_module, names, self._target(trainer), prog_bar=self.prog_bar)
+        if self.wandb_details:
+            self._writer.write_step(trainer, pl_module, self.prog_bar, self.histograms)
+        elif should_log(trainer):
+            log_sparsity(trainer, pl_module, self.prog_bar)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        names = MaskSet.of(pl_module).names()
-        if names and self.wandb_details:
-            log_wandb_details(trainer, pl_module, names, histograms=self.histograms)
+        if self.wandb_details:
+            self._writer.write_details(trainer, pl_module, self.histograms)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.wandb_details:
+            self._writer.write_details(trainer, pl_module, self.histograms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +14,7 @@ from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, pruned_units
 from sparse_lightning.core.errors import ConfigError
 from sparse_lightning.core.patterns import parse_pattern
+from sparse_lightning.core.plan import Event, Timeline
 
 
 @register("snip")
@@ -37,6 +37,7 @@ class SNIP(SparsityCallback):
     def __init__(
         self,
         sparsity: float = 0.9,
+        *,
         batches: int = 1,
         distribution: str = "global",
         pattern: str = "unstructured",
@@ -51,26 +52,25 @@ class SNIP(SparsityCallback):
         self.batches = batches
         self.distribution = check_distribution(distribution)
         self.pattern = parse_pattern(pattern)
-        self._grad_sums: dict[str, Tensor] = {}
-        self.done = False
+        self.add_state("grad_sums", {})
+        self.add_state("done", False)
 
     @property
     def current_target(self) -> float | None:
         return self.sparsity if self.done else 0.0
 
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: Mapping[str, Tensor]) -> None:
+    def validate(self, params: Mapping[str, Tensor]) -> None:
         for name, p in params.items():
             self.pattern.check(name, p.shape)
 
-    def resolve_schedule(self, trainer: pl.Trainer) -> None:
-        available = trainer.num_training_batches
-        if math.isfinite(available):
-            steps = math.ceil(available / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs or 1)
-            if self.batches > min(steps, trainer.estimated_stepping_batches):
-                raise ConfigError(
-                    f"`batches`={self.batches} is more than the {int(min(steps, trainer.estimated_stepping_batches))} "
-                    "optimizer steps the training loader gives."
-                )
+    def resolve_schedule(self, timeline: Timeline) -> None:
+        if timeline.finite and self.batches > timeline.total_steps:
+            raise ConfigError(
+                f"`batches`={self.batches} is more than the {int(timeline.total_steps)} optimizer steps of training."
+            )
+
+    def events(self) -> list[Event]:
+        return [Event(self.batches - 1, "prune", self.sparsity)]
 
     def is_update_step(self, step: int) -> bool:
         return not self.done and step < self.batches
@@ -81,26 +81,19 @@ class SNIP(SparsityCallback):
             grad = params[name].grad
             if grad is None:
                 raise ConfigError(f"SNIP needs the gradient of {name!r}, but it has none (is it frozen?).")
-            self._grad_sums[name] = self._grad_sums.get(name, torch.zeros_like(grad)) + grad.detach()
+            self.grad_sums[name] = self.grad_sums.get(name, torch.zeros_like(grad)) + grad.detach()
         if step + 1 < self.batches:
             skip_optimizer_step(trainer)
             self.last_update_step = step
             return
         super().update_masks(trainer, pl_module, step)
-        self.done, self._grad_sums = True, {}
+        self.done, self.grad_sums = True, {}
 
     def compute_masks(self, step: int, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         scores = {}
         for name in self.names:
             mask = self.mask_set.mask_for(name, params[name])
-            sensitivity = (self._grad_sums[name] * params[name].detach()).abs().float()
+            sensitivity = (self.grad_sums[name] * params[name].detach()).abs().float()
             scores[name] = sensitivity.masked_fill(~mask, -math.inf)
         pruned = pruned_units(scores, self.pattern, self.sparsity, self.distribution)
         return {n: self.pattern.keep_mask(scores[n], pruned[n]) for n in self.names}
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"done": self.done, "grad_sums": {n: g.cpu() for n, g in self._grad_sums.items()}}
-
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.done = bool(state["done"])
-        self._grad_sums = dict(state.get("grad_sums", {}))

@@ -25,6 +25,8 @@ class MaskSet:
 
     def __init__(self) -> None:
         self._masks: dict[str, Tensor] = {}
+        self.version = 0
+        """Counts mask updates and installed non-trivial masks (loggers log per-layer details once per change)."""
 
     @staticmethod
     def of(module: nn.Module) -> MaskSet:
@@ -52,15 +54,12 @@ class MaskSet:
         if name not in self._masks:
             if mask is None:
                 mask = torch.ones_like(param, dtype=torch.bool)
+            else:
+                self.version += 1
             self._check(name, param, mask)
             self._masks[name] = mask.to(device=param.device, dtype=torch.bool).clone()
         param.__dict__[_REF_ATTR] = (self, name)
         return self._masks[name]
-
-    def remove(self, name: str, param: Tensor | None = None) -> None:
-        self._masks.pop(name, None)
-        if param is not None:
-            param.__dict__.pop(_REF_ATTR, None)
 
     def update(self, name: str, mask: Tensor) -> Tensor:
         """Replace the mask of ``name`` in place; returns the entries that this update prunes (bool)."""
@@ -70,6 +69,7 @@ class MaskSet:
             raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(current.shape)}.")
         newly_pruned = current & ~mask
         current.copy_(mask)
+        self.version += 1
         return newly_pruned
 
     def mask_for(self, name: str, param: Tensor) -> Tensor:
@@ -79,7 +79,7 @@ class MaskSet:
         return mask
 
     def _multiplier(self, name: str, param: Tensor) -> Tensor:
-        """The mask as uint8: multiplying by it is about twice as fast as by a bool tensor, at no extra memory."""
+        """The mask as a uint8 view (no copy)."""
         return self.mask_for(name, param).view(torch.uint8)
 
     @torch.no_grad()
@@ -134,42 +134,51 @@ class MaskSet:
         if mask.shape != param.shape:
             raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}.")
 
-    # --- several processes -------------------------------------------------------------------------------------
+    def fingerprints(self, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """:func:`fingerprint` of each mask."""
+        return {n: fingerprint(self._masks[n]) for n in (self._masks if names is None else names)}
 
-    def broadcast(self, names: Iterable[str] | None = None, src: int = 0) -> None:
-        """Make every rank hold rank ``src``'s masks (one collective for all of them)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        names = list(self._masks if names is None else names)
-        flat = torch.cat([self._masks[n].flatten() for n in names]).to(torch.uint8)
-        dist.broadcast(flat, src=src)
-        offset = 0
-        for n in names:
-            mask = self._masks[n]
-            mask.copy_(flat[offset : offset + mask.numel()].view(mask.shape).bool())
-            offset += mask.numel()
 
-    def fingerprint(self, names: Iterable[str] | None = None) -> Tensor:
-        """Two int64 numbers per mask (kept count and an index-weighted checksum) that differ when masks differ."""
-        values = []
-        for n in self._masks if names is None else names:
-            flat = self._masks[n].flatten().long()
-            weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.long) % 1_000_003
-            values.append(torch.stack([flat.sum(), (flat * weights).sum()]))
-        return torch.stack(values) if values else torch.zeros(0, 2, dtype=torch.long)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    def check_agreement(self, names: Iterable[str] | None = None) -> None:
-        """Raise ``RuntimeError`` when any rank holds different masks from rank 0."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        names = list(self._masks if names is None else names)
-        mine = self.fingerprint(names)
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, mine)
-        for rank, theirs in enumerate(gathered):
-            if not torch.equal(theirs, gathered[0]):
-                differing = [n for n, a, b in zip(names, theirs, gathered[0], strict=True) if not torch.equal(a, b)]
-                raise RuntimeError(f"Masks differ between rank 0 and rank {rank} for {differing}.")
+
+def fingerprint(t: Tensor) -> Tensor:
+    """Two int64 numbers (a sum and an index-weighted checksum of the raw bits) that differ when tensors differ.
+
+    Bits, not values: equal fingerprints mean bitwise-equal tensors (up to a checksum collision), whatever the dtype.
+    """
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    bits = flat.view(_INT_OF_SIZE[flat.element_size()]).long()
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.long) % 1_000_003
+    return torch.stack([bits.sum(), (bits * weights).sum()])
+
+
+def check_ranks_agree(fingerprints: Mapping[str, Tensor], what: str, owner: str) -> None:
+    """Raise ``RuntimeError`` naming ``owner``, the entries and the ranks when any rank's ``fingerprints`` differ.
+
+    Every rank gathers every rank's fingerprints, so all of them raise together (none is left waiting).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not fingerprints:
+        return
+    names = list(fingerprints)
+    mine = torch.stack([fingerprints[n] for n in names])
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    problems = []
+    for rank, theirs in enumerate(gathered[1:], 1):
+        differing = [n for n, a, b in zip(names, theirs, gathered[0], strict=True) if not torch.equal(a, b)]
+        if differing:
+            problems.append(f"rank 0 and rank {rank} differ in {', '.join(differing)}")
+    if problems:
+        raise RuntimeError(
+            f"{owner}: the ranks computed different {what} ({'; '.join(problems)}). Under DDP every rank must see "
+            "the same weights and averaged gradients; something made them diverge (a rank-dependent random number, "
+            "a callback or hook that runs on one rank only, unsynchronized buffers)."
+        )
 
 
 def masks_of(module: nn.Module) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import yaml
 from pydantic import ValidationError
 
+from sparse_lightning.callbacks.base import MethodCallback
 from sparse_lightning.callbacks.registry import METHODS
 from sparse_lightning.core.errors import ConfigError
 from sparse_lightning.core.schedules import parse_time
@@ -183,8 +184,8 @@ def build_callbacks(recipe: Recipe, path: Path) -> list[pl.Callback]:
             except (ValueError, TypeError) as err:
                 raise RecipeError(path, f"{field}.args", str(err)) from None
             callbacks.append(callback)
-            if hasattr(callback, "start_spec") and hasattr(callback, "end_spec"):
-                windows.append((f"stages[{i}]", callback.start_spec, callback.end_spec, callback))
+            if isinstance(callback, MethodCallback) and callback.window is not None:
+                windows.append((f"stages[{i}]", *callback.window, callback))
     _check_overlaps(windows, path)
     return callbacks
 
@@ -213,9 +214,36 @@ def _check_overlaps(windows: list[tuple[str, Any, Any, pl.Callback]], path: Path
                 )
 
 
+def instantiate(spec: Mapping[str, Any] | None, what: str) -> Any:
+    """Build ``{"class_path": ..., "init_args": {...}}`` with Lightning's ``instantiate_class``; a ``ConfigError``
+    naming ``--<what>`` when there is no spec, the class can not be imported or its arguments are refused."""
+    from lightning.pytorch.cli import instantiate_class
+
+    if spec is None:
+        raise ConfigError(f"No {what} given: the recipe names none, so pass --{what} CLASS_PATH.")
+    class_path = spec["class_path"]
+    if "." not in class_path:
+        raise ConfigError(f"--{what} {class_path!r} is not a class path (module.Class).")
+    try:
+        return instantiate_class((), {"class_path": class_path, "init_args": dict(spec.get("init_args") or {})})
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--{what} {class_path!r} is not an importable class: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--{what} {class_path!r} can not be built: {err}") from None
+
+
 def load_recipe(path: str | Path, **overrides: Any) -> list[pl.Callback]:
     """The configured callbacks of a recipe file (or shipped recipe name); ``overrides`` set its variables."""
     return load(path, **overrides).callbacks
 
 
-__all__ = ["LoadedRecipe", "RecipeError", "find_recipe", "load", "load_recipe", "parse_time", "shipped_recipes"]
+__all__ = [
+    "LoadedRecipe",
+    "RecipeError",
+    "find_recipe",
+    "instantiate",
+    "load",
+    "load_recipe",
+    "parse_time",
+    "shipped_recipes",
+]
