@@ -215,11 +215,10 @@ def recipe_timeline(loaded: Any, total_steps: int | None, steps_per_epoch: int |
     for name, value in (("--total-steps", total_steps), ("--steps-per-epoch", steps_per_epoch)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}.")
+    if steps_per_epoch is None and loaded.recipe.data is None:
+        print("the recipe names no data: assuming 100 steps per epoch (set --steps-per-epoch)", file=sys.stderr)
+        steps_per_epoch = 100
     if steps_per_epoch is None:
-        if loaded.recipe.data is None:
-            raise ConfigError(
-                f"{loaded.path}: the recipe names no data, so an epoch has no length: pass --steps-per-epoch."
-            )
         data = instantiate(loaded.recipe.data.model_dump(), "data")
         data.setup("fit")
         batches = len(data.train_dataloader())
