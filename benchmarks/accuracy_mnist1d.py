@@ -71,8 +71,9 @@ def run(config: dict) -> dict:
             )
         elif name == "snip":
             callbacks.append(SNIP(sparsity=sparsity, log_sparsity=False))
-        elif name == "set":
-            callbacks.append(SET(sparsity=sparsity, seed=config["seed"], log_sparsity=False))
+        elif name in ("set", "set-er"):
+            distribution = "er" if name == "set-er" else "erk"
+            callbacks.append(SET(sparsity=sparsity, distribution=distribution, seed=config["seed"], log_sparsity=False))
         else:
             callbacks.append(
                 RigL(sparsity=sparsity, distribution=name.split("-")[1], seed=config["seed"], log_sparsity=False)
@@ -94,7 +95,7 @@ def run(config: dict) -> dict:
     return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds}
 
 
-DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "snip", "gap")
+DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "set-er", "snip", "gap")
 METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", *DST)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
@@ -171,7 +172,8 @@ LABELS = {
     "static-erk": "`StaticRandomMask`, ERK (random mask, never updated)",
     "rigl-erk": "`RigL`, ERK (defaults: every 100 steps, alpha 0.3, end 75%)",
     "rigl-uniform": "`RigL`, uniform",
-    "set": "`SET`, ER (defaults)",
+    "set": "`SET`, ERK (defaults)",
+    "set-er": "`SET`, ER (the paper's distribution, made for MLPs)",
     "snip": "`SNIP` (1 batch, global)",
     "gap": "`GaP`, cyclic, 4 parts x 2 cycles, phases of 1/40 of training",
 }
@@ -198,7 +200,7 @@ def write_report(path: Path) -> None:
         "",
         f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global`, "
         "`... --methods gmp-erk gmp-uniform --channels 25`, "
-        "`... --methods static-erk rigl-erk rigl-uniform set snip gap --levels 0.8 0.9 0.95` and "
+        "`... --methods static-erk rigl-erk rigl-uniform set set-er snip gap --levels 0.8 0.9 0.95` and "
         "`... --methods mfac-pruning --channels 25 --levels 0.9 0.95` (1 torch thread a run; raw "
         "rows in "
         "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "

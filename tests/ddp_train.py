@@ -36,6 +36,27 @@ class Record(pl.Callback):
         self.history.append((trainer.global_step, torch.stack(list(fingerprints.values()))))
 
 
+class DivergentMasks(GradualMagnitudePruning):
+    """Rank 1 keeps one more weight of fc1 than rank 0 at every update: a divergence the ranks must report."""
+
+    def compute_masks(self, step, params):
+        masks = super().compute_masks(step, params)
+        if self._module.trainer.global_rank == 1:
+            masks["fc1.weight"].view(-1)[0] = True
+        return masks
+
+
+class DivergentWeights(MFACPruning):
+    """Rank 1's OBS update moves one kept weight of fc2 a little: same masks, different weights."""
+
+    def compute_masks(self, step, params):
+        masks = super().compute_masks(step, params)
+        if self._module.trainer.global_rank == 1:
+            with torch.no_grad():
+                params["fc2.weight"].view(-1)[masks["fc2.weight"].view(-1).nonzero()[0]] += 1e-3
+        return masks
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
@@ -46,6 +67,10 @@ def main(out: Path) -> None:
     elif variant in ("rigl", "set"):
         method = RigL if variant == "rigl" else SET
         pruning = method(sparsity=0.9, end=20, every=3, drop_noise=1e-5)
+    elif variant == "diverge_masks":
+        pruning = DivergentMasks(sparsity=0.9, start=1, end=10, every=3)
+    elif variant == "diverge_weights":
+        pruning = DivergentWeights(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64)
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

@@ -38,3 +38,27 @@ def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution)
             for k in a if isinstance(a, dict) else [None]:
                 x, y = (a[k], b[k]) if k is not None else (a, b)
                 assert (x is None and y is None) or torch.equal(torch.as_tensor(x), torch.as_tensor(y)), (key, k)
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        (
+            "diverge_masks",
+            "DivergentMasks at step 4: the ranks computed different masks (rank 0 and rank 1 differ in fc1.weight)",
+        ),
+        (
+            "diverge_weights",
+            "DivergentWeights at step 1: the ranks computed different weights (rank 0 and rank 1 differ in fc2.weight)",
+        ),
+    ],
+)
+def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, variant, message):
+    """The check runs on what each rank computed, before anything is applied: a rank that diverges on purpose is
+    named, with the method and the parameter, on every rank."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), variant], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
