@@ -58,3 +58,37 @@ def test_metrics_reach_any_lightning_logger(tmp_path):
     assert logged[0] == 0.0 and logged[-1] == pytest.approx(0.5, abs=1e-3)
     assert "sparsity/conv.weight" in rows[0]
     assert "sparsity/global" in trainer.progress_bar_metrics
+
+
+def test_two_methods_log_one_global_sparsity_over_every_mask(tmp_path, monkeypatch):
+    """fc1 at 0.5 and fc2 at 0.8 by two callbacks: one writer logs the sparsity over both (the last callback used
+    to win with its own layer's 0.8) and the target weighted by the values each selects."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    logger = WandbLogger(project="sparse-lightning-tests", save_dir=str(tmp_path), offline=True)
+    callbacks = [
+        GradualMagnitudePruning(sparsity=0.5, include=["fc1.weight"], start=2, end=4, every=1),
+        GradualMagnitudePruning(sparsity=0.8, include=["fc2.weight"], start=2, end=4, every=1),
+    ]
+    settings = {**QUIET, "logger": logger}
+    model = TinyNet()
+    pl.Trainer(max_epochs=1, log_every_n_steps=1, callbacks=callbacks, **settings).fit(model, tiny_loader())
+    import wandb
+
+    wandb.finish()
+    fc1, fc2 = model.fc1.weight, model.fc2.weight
+    true_global = (int((fc1 == 0).sum()) + int((fc2 == 0).sum())) / (fc1.numel() + fc2.numel())
+    assert true_global == (1792 + 102) / 3712  # 0.8 of fc2's 128 weights rounds to 102
+    (run_file,) = Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb")
+    rows = history(run_file)
+    logged = [row for row in rows if "sparsity/global" in row]
+    assert len(logged) == 8  # one writer: one row per step, not one per callback
+    assert logged[-1]["sparsity/global"] == pytest.approx(true_global, abs=1e-6)
+    assert logged[-1]["sparsity/target"] == pytest.approx((0.5 * 3584 + 0.8 * 128) / 3712)
+    assert logged[-1]["sparsity/fc2.weight"] == 102 / 128
+    tables = [row for row in rows if "sparsity/layers/_type" in row]
+    (table_file,) = run_file.parent.glob("files/" + tables[-1]["sparsity/layers/path"])
+    table = json.loads(table_file.read_text())
+    targets = {row[0]: row[5] for row in table["data"]}
+    assert targets == {"fc1.weight": 0.5, "fc2.weight": 102 / 128}
