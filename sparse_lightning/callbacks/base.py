@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -197,6 +198,10 @@ class SparsityCallback(MethodCallback):
     sparsity: float | None = None
     """The final fraction of zeros over the selected weights (``None``: set by something else, the model's zeros)."""
 
+    scores_gradients: bool = False
+    """Whether ``compute_masks`` reads gradients. An update due on a step whose selected gradients are not finite
+    (a step that AMP's ``GradScaler`` will skip) is then deferred to the next step with finite gradients."""
+
     def __init__(
         self,
         *,
@@ -214,6 +219,7 @@ class SparsityCallback(MethodCallback):
         self._handles: list[RemovableHandle] = []
         self._writer = SparsityWriter()
         self.add_state("last_update_step", -1)
+        self.add_state("deferred_update", False)
 
     # --- what a method provides --------------------------------------------------------------------------------
 
@@ -326,9 +332,22 @@ class SparsityCallback(MethodCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if step != self.last_update_step and self.is_update_step(step):
-            self.update_masks(trainer, pl_module, step)
+        if step != self.last_update_step and (self.deferred_update or self.is_update_step(step)):
+            if self.scores_gradients and not self._gradients_finite():
+                if not self.deferred_update:
+                    rank_zero_warn(
+                        f"{type(self).__name__}: the gradients at step {step} are not finite (a step AMP will skip); "
+                        "the mask update waits for the next step with finite gradients."
+                    )
+                self.deferred_update = True
+            else:
+                self.deferred_update = False
+                self.update_masks(trainer, pl_module, step)
         self.mask_set.apply_to_grads(self.params(), self.names)
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in (self.params()[n] for n in self.names) if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         """Compute new masks, check that ranks agree, and apply them to weights, gradients and optimizer state."""

@@ -179,6 +179,8 @@ class RigL(DynamicSparseTraining):
     counts it (the reference does not count it). ``skip_step_on_update=False`` takes the step instead.
     """
 
+    scores_gradients = True
+
     def grow_score(self, name: str, param: Tensor) -> Tensor:
         if param.grad is None:
             raise ConfigError(f"RigL needs the gradient of {name!r} at the update, but it has none (frozen?).")

@@ -34,6 +34,8 @@ class SNIP(SparsityCallback):
     Under DDP the gradients are already averaged over ranks, so every rank scores the same.
     """
 
+    scores_gradients = True
+
     def __init__(
         self,
         sparsity: float = 0.9,
