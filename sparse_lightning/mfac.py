@@ -41,7 +41,7 @@ from torch import Tensor
 
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_int
 
-CHUNK = 1 << 22  # float64 values per chunk of a window product (32 MiB)
+CHUNK = 1 << 18  # float64 values per chunk of a window product (2 MiB: the float32 -> float64 copy stays in cache)
 
 
 def check_damp(damp: float) -> float:
@@ -106,11 +106,31 @@ def _column_slices(window: Tensor) -> list[slice]:
     return [slice(a, a + step) for a in range(0, length, step)]
 
 
+def _chunks64(window: Tensor):
+    """(columns, float64 copy of those columns) for consecutive chunks of a (blocks, m, length) window.
+
+    One scratch buffer of ``CHUNK`` values (2 MiB) is reused for every chunk, so the copy stays in cache and no
+    memory is allocated per chunk (allocating each chunk anew cost five times the product itself)."""
+    if window.dtype == torch.float64:
+        yield slice(None), window
+        return
+    slices = _column_slices(window)
+    blocks, m, _ = window.shape
+    width = slices[0].stop - slices[0].start if slices else 0
+    scratch = torch.empty(blocks, m, width, dtype=torch.float64, device=window.device)
+    for cols in slices:
+        piece = window[:, :, cols]
+        chunk = scratch[:, :, : piece.shape[2]]
+        chunk.copy_(piece)
+        yield cols, chunk
+
+
 def _window_matvec64(window: Tensor, xb: Tensor) -> Tensor:
     """G x per block, accumulated in float64: (blocks, m)."""
     out = torch.zeros(window.shape[:2], dtype=torch.float64, device=window.device)
-    for cols in _column_slices(window):
-        out += torch.bmm(window[:, :, cols].double(), xb[:, cols].double().unsqueeze(-1)).squeeze(-1)
+    x64 = xb.double()
+    for cols, chunk in _chunks64(window):
+        out += torch.bmm(chunk, x64[:, cols].unsqueeze(-1)).squeeze(-1)
     return out
 
 
@@ -118,8 +138,8 @@ def _window_rmatvec64(window: Tensor, coef: Tensor) -> Tensor:
     """G^T c per block, accumulated in float64: (blocks, length)."""
     blocks, _, length = window.shape
     out = torch.empty(blocks, length, dtype=torch.float64, device=window.device)
-    for cols in _column_slices(window):
-        out[:, cols] = torch.bmm(coef.unsqueeze(1), window[:, :, cols].double()).squeeze(1)
+    for cols, chunk in _chunks64(window):
+        out[:, cols] = torch.bmm(coef.unsqueeze(1), chunk).squeeze(1)
     return out
 
 
@@ -127,9 +147,8 @@ def _gram64(window: Tensor) -> Tensor:
     """G G^T per block with float64 accumulation: (blocks, m, m)."""
     blocks, m, _ = window.shape
     out = torch.zeros(blocks, m, m, dtype=torch.float64, device=window.device)
-    for cols in _column_slices(window):
-        g = window[:, :, cols].double()
-        out += g @ g.transpose(1, 2)
+    for _, chunk in _chunks64(window):
+        out += chunk @ chunk.transpose(1, 2)
     return out
 
 
@@ -230,6 +249,7 @@ class SlidingInverseFisher:
         self.position = 0
         self.updates = 0
         self.exact = self.dtype == torch.float64
+        self._exact_cache: tuple[int, Tensor] | None = None
 
     def update(self, g: Tensor) -> None:
         """Replace the oldest gradient of the window with ``g``."""
@@ -246,12 +266,26 @@ class SlidingInverseFisher:
         return out.reshape(-1)[: self.dim].to(g.dtype)
 
     def ihvp(self, x: Tensor) -> Tensor:
-        """F^-1 x for any d-vector (float64 accumulation; see the module docstring on precision)."""
+        """F^-1 x for any d-vector, to float64 accuracy whatever x is (see the module docstring on precision).
+
+        Two float64-accumulated products with the window, and K^-1 of the exact float64 Gram of the window: kept
+        up to date in ``exact`` mode; otherwise (a float32 window, whose K comes from float32 products) computed
+        from the window once, O(m^2 d), and cached until the next update.
+        """
         xb = _split(x.reshape(-1).to(self.device), self.blocks, self.length)
-        rhs = _window_matvec64(self.window, xb).unsqueeze(-1)
-        coef = torch.cholesky_solve(rhs, torch.linalg.cholesky(self.gram)).squeeze(-1)
+        rhs = _window_matvec64(self.window, xb)
+        coef = _bmv(self._exact_inverse(), rhs)
         out = (xb.double() - _window_rmatvec64(self.window, coef)) / self.damp
         return out.reshape(-1)[: self.dim].to(x.dtype)
+
+    def _exact_inverse(self) -> Tensor:
+        if self.exact:
+            return self.inverse
+        if self._exact_cache is None or self._exact_cache[0] != self.updates:
+            eye = torch.eye(self.num_grads, dtype=torch.float64, device=self.device)
+            gram = _gram64(self.window) + self.num_grads * self.damp * eye
+            self._exact_cache = (self.updates, _spd_inverse(gram, self.num_grads * self.damp))
+        return self._exact_cache[1]
 
     def _push(self, g: Tensor) -> int:
         if g.numel() != self.dim:
@@ -271,11 +305,7 @@ class SlidingInverseFisher:
         if not self.exact and bool((schur < 1e-3 * column[:, k]).any()):
             self._become_exact()
         elif self.updates % m == 0:
-            factor, info = torch.linalg.cholesky_ex(self.gram)
-            if bool(info.any()):
-                self._become_exact()
-            else:
-                self.inverse = torch.cholesky_inverse(factor)
+            self._refresh_inverse()
         else:
             self.inverse = inverse
         self.position = (k + 1) % m
@@ -299,25 +329,36 @@ class SlidingInverseFisher:
             error = (rho * _bmv(self.gram, rho)).sum(1) - shift * rho.square().sum(1)
             if attempt or bool((error <= 1e-24 * (self.gram[:, k, k] - shift).clamp_min(0)).all()):
                 return y
-            factor, info = torch.linalg.cholesky_ex(self.gram)
-            if bool(info.any()):
-                self._become_exact()
-            else:
-                self.inverse = torch.cholesky_inverse(factor)
+            self._refresh_inverse()
         return y
 
-    def _become_exact(self) -> None:
-        """Switch to float64-accumulated window products, rebuilding K and K^-1 from the window.
+    def _refresh_inverse(self) -> None:
+        """K^-1 anew from K (O(m^3)); a float32-built K that is no longer positive definite makes the window exact
+        (once); an exact one is inverted through its eigenvalues, which are at least m * damp."""
+        factor, info = torch.linalg.cholesky_ex(self.gram)
+        if not bool(info.any()):
+            self.inverse = torch.cholesky_inverse(factor)
+        elif not self.exact:
+            self._become_exact()
+        else:
+            self.inverse = _spd_inverse(self.gram, self.num_grads * self.damp)
 
-        Taken once, when a new gradient is (numerically) almost inside the span of the window: its Schur complement
-        in K falls below 1e-3 of its squared norm, so float32 products would leave K^-1 with no correct digit (a
-        window longer than the number of coordinates, or nearly collinear gradients). Costs about twice the float32
-        product per update from then on.
+    def _become_exact(self) -> None:
+        """Switch to float64-accumulated window products, rebuilding K and K^-1 from the window (once).
+
+        Taken when a new gradient is (numerically) almost inside the span of the window: its Schur complement in K
+        falls below 1e-3 of its squared norm, so float32 products would leave K^-1 with no correct digit (a window
+        longer than the number of coordinates, repeated or nearly collinear gradients). The window is then stored
+        in float64 when that copy takes at most half the device's free memory, so an update costs about two float32
+        products (one float64 pass reads twice the bytes); otherwise it stays float32 and each product converts it
+        in cache-sized chunks (about four float32 products an update on one CPU thread).
         """
         self.exact = True
+        if self.window.dtype != torch.float64 and 2 * self.window.numel() * 8 <= free_memory(self.device):
+            self.window = self.window.double()
         eye = torch.eye(self.num_grads, dtype=torch.float64, device=self.device)
         self.gram = _gram64(self.window) + self.num_grads * self.damp * eye
-        self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(self.gram))
+        self.inverse = _spd_inverse(self.gram, self.num_grads * self.damp)
 
     def state_dict(self) -> dict:
         """Tensors and ints only (loadable with ``torch.load(weights_only=True)``)."""
@@ -336,7 +377,10 @@ class SlidingInverseFisher:
                 f"The saved M-FAC window has shape {tuple(state['window'].shape)}, this one "
                 f"{tuple(self.window.shape)}: use the same `num_grads`, `block_size` and parameters."
             )
+        if state["window"].dtype != self.window.dtype:  # a window saved after it became exact (float64)
+            self.window = self.window.to(state["window"].dtype)
         self.window.copy_(state["window"])
+        self._exact_cache = None
         self.gram = state["gram"].to(self.device, torch.float64).clone()
         self.inverse = state["inverse"].to(self.device, torch.float64).clone()
         self.position, self.updates, self.exact = int(state["position"]), int(state["updates"]), bool(state["exact"])
@@ -353,11 +397,18 @@ class SlidingInverseFisher:
         removed = self.window * cols.unsqueeze(1)
         self.gram -= _gram64(removed)
         self.window.masked_fill_(cols.unsqueeze(1), 0)
-        factor, info = torch.linalg.cholesky_ex(self.gram)
-        if bool(info.any()):
-            self._become_exact()
-        else:
-            self.inverse = torch.cholesky_inverse(factor)
+        self._refresh_inverse()
+
+
+def _spd_inverse(gram: Tensor, floor: float) -> Tensor:
+    """The inverse of a batch of symmetric matrices whose eigenvalues are at least ``floor`` in exact arithmetic:
+    Cholesky when it succeeds, otherwise through eigenvalues clamped at ``floor`` (a K = m damp I + G G^T that
+    rounding left slightly indefinite)."""
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if not bool(info.any()):
+        return torch.cholesky_inverse(factor)
+    values, vectors = torch.linalg.eigh(gram)
+    return (vectors / values.clamp_min(floor).unsqueeze(-2)) @ vectors.transpose(-1, -2)
 
 
 def _replace_row(inverse: Tensor, column: Tensor, k: int) -> tuple[Tensor, Tensor]:
