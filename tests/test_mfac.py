@@ -215,7 +215,7 @@ def test_a_window_of_repeated_gradients_costs_about_two_products():
     plain, coef = base.repeat(m // 8, 1).contiguous(), torch.randn(m)
     floors, updates = [], []
     for r in range(5):
-        floors.append(_median_ms(lambda: (plain @ base[r % 8], coef @ plain), rounds=1))
+        floors.append(_median_ms(lambda r=r: (plain @ base[r % 8], coef @ plain), rounds=1))
         updates.append(_median_ms(lambda r=r: window.update_ihvp(base[r % 8]), rounds=1))
     ratio = statistics.median(updates) / statistics.median(floors)
     assert ratio < 4.0, f"update / floor = {ratio:.2f}"
