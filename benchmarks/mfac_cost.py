@@ -64,6 +64,69 @@ def cost(dim: int, m: int, rounds: int) -> dict:
     return {"floor": statistics.median(floor), "update": statistics.median(update)}
 
 
+CLIFF = (200_000, 256)
+
+
+def window_cost(kind: str, rounds: int, dim: int = CLIFF[0], m: int = CLIFF[1]) -> dict:
+    """``update_ihvp`` against the float32 floor on a window filled through ``update``: ``distinct`` (random
+    gradients), ``repeated`` (8 distinct gradients over and over: rank 8) or ``collinear`` (those 8 plus noise
+    of 1e-4 of their norm)."""
+    from sparse_lightning.mfac import SlidingInverseFisher, StaticInverseFisher
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(8, dim, generator=generator)
+
+    def gradient(i: int) -> torch.Tensor:
+        if kind == "distinct":
+            return torch.randn(dim, generator=generator)
+        g = base[i % 8]
+        return g + 1e-4 * torch.randn(dim, generator=generator) if kind == "collinear" else g
+
+    fisher = SlidingInverseFisher(dim, m, DAMP)
+    for i in range(m):
+        fisher.update(gradient(i))
+    plain = torch.stack([gradient(i) for i in range(m)])
+    coef = torch.randn(m)
+    floor, update = [], []
+    for r in range(rounds):
+        g = gradient(r)
+        floor.append(timed(lambda g=g: (plain @ g, coef @ plain)))
+        update.append(timed(lambda g=g: fisher.update_ihvp(g)))
+    g = gradient(rounds)
+    product = fisher.update_ihvp(g).double()
+    exact = StaticInverseFisher(fisher.window[0].double(), DAMP).ihvp(g.double())
+    return {
+        "kind": kind,
+        "floor": statistics.median(floor),
+        "update": statistics.median(update),
+        "exact": fisher.exact,
+        "error": float((product - exact).norm() / exact.norm()),
+    }
+
+
+def ihvp_precision(dim: int = 4000, m: int = 32) -> dict:
+    """``ihvp(x)`` of a float32 window at (|g|^2 / m) / damp = 1e6 against an explicitly inverted float64 F."""
+    from sparse_lightning.mfac import SlidingInverseFisher
+
+    generator = torch.Generator().manual_seed(4)
+    stream = torch.randn(m, dim, generator=generator) * (1e6 * DAMP * m / dim) ** 0.5
+    fisher = SlidingInverseFisher(dim, m, DAMP)
+    for g in stream:
+        fisher.update(g)
+    grads = stream.double()
+    inverse = torch.linalg.inv(DAMP * torch.eye(dim, dtype=torch.float64) + grads.T @ grads / m)
+    vectors = {
+        "a gradient in the window": stream[5],
+        "a combination of the window": stream.T @ torch.randn(m, generator=generator),
+        "a random vector": torch.randn(dim, generator=generator),
+    }
+    out = {}
+    for name, x in vectors.items():
+        exact = inverse @ x.double()
+        out[name] = float((fisher.ihvp(x).double() - exact).norm() / exact.norm())
+    return out
+
+
 def sgd_step(dim: int, rounds: int) -> float:
     w = torch.nn.Parameter(torch.randn(dim))
     w.grad = torch.randn(dim)
@@ -143,11 +206,13 @@ def main() -> None:
     sgd = {dim: sgd_step(dim, args.rounds) for dim in sorted({d for d, _ in CASES})}
     accuracy = precision()
     accuracy["refresh_ms"] = 1000 * refresh_cost(max(m for _, m in CASES), args.rounds)
-    print(sgd, accuracy)
-    write_report(rows, sgd, accuracy, args)
+    windows = [window_cost(kind, args.rounds) for kind in ("distinct", "repeated", "collinear")]
+    accuracy["ihvp"] = ihvp_precision()
+    print(sgd, accuracy, windows)
+    write_report(rows, sgd, accuracy, args, windows)
 
 
-def write_report(rows: list[dict], sgd: dict, accuracy: dict, args: argparse.Namespace) -> None:
+def write_report(rows: list[dict], sgd: dict, accuracy: dict, args: argparse.Namespace, windows: list[dict]) -> None:
     from _report import table, write_section
 
     by_key = {(r["dim"], r["m"]): r for r in rows}
@@ -188,6 +253,34 @@ def write_report(rows: list[dict], sgd: dict, accuracy: dict, args: argparse.Nam
             "Not in the timed updates: the refresh of K^-1 from a Cholesky factor once every m updates, "
             f"{accuracy['refresh_ms']:.1f} ms at m = {max(m for _, m in CASES)}, i.e. "
             f"{accuracy['refresh_ms'] / max(m for _, m in CASES):.3f} ms per update amortized.",
+            "",
+            f"### What the window holds (d = {CLIFF[0]:,}, m = {CLIFF[1]})",
+            "",
+            "Filled through `update`: distinct random gradients; 8 distinct gradients repeated (rank 8); those 8 "
+            "with noise of 1e-4 of their norm (nearly collinear). A repeated or collinear window becomes `exact` "
+            "(float64 products, the window stored in float64 when it fits half the free memory). Target: update <= "
+            "2x the floor whatever the window holds. error = relative error of `update_ihvp` against "
+            "`StaticInverseFisher` in float64 on the same window.",
+            "",
+            table(
+                ["window", "floor ms", "update ms", "update / floor", "exact", "error"],
+                [
+                    [
+                        w["kind"],
+                        f"{1000 * w['floor']:.1f}",
+                        f"{1000 * w['update']:.1f}",
+                        f"**{w['update'] / w['floor']:.2f}x**",
+                        str(w["exact"]),
+                        f"{w['error']:.1e}",
+                    ]
+                    for w in windows
+                ],
+            ),
+            "",
+            "`ihvp(x)` of a float32 window (d = 4,000, m = 32, (|g|^2 / m) / damp = 1e6) against an explicitly "
+            "inverted float64 F; target <= 1e-3 for any x: "
+            + ", ".join(f"{name} **{err:.1e}**" for name, err in accuracy["ihvp"].items())
+            + " (the float32 K gave 0.46 for a gradient in the window before).",
         ]
     )
     write_section("mfac-cost", body)
