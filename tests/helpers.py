@@ -48,7 +48,3 @@ def tiny_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     x = torch.randn(n, 16, generator=g)
     y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def weight_names(module: nn.Module) -> list[str]:
-    return ["conv.weight", "fc1.weight", "fc2.weight"]

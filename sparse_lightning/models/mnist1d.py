@@ -78,11 +78,3 @@ class MNIST1DMLP(LitClassifier):
             raise ConfigError(f"`hidden` must be a positive int, got {hidden!r}.")
         super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer, momentum, lr_schedule)
         self.save_hyperparameters()
-
-
-def mnist1d_cnn(channels: int = 25) -> ConvNet1D:
-    return ConvNet1D(channels)
-
-
-def mnist1d_mlp(hidden: int = 100) -> MLP1D:
-    return MLP1D(hidden)
