@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sparse_lightning.callbacks.monitor import SparsityWriter, sparsity_writer
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError
-from sparse_lightning.core.masks import MaskSet, check_ranks_agree, fingerprint
+from sparse_lightning.core.masks import MaskSet, check_ranks_agree, fingerprint, is_distributed
 from sparse_lightning.core.patterns import Pattern
 from sparse_lightning.core.plan import Event, MethodPlan, Timeline
 from sparse_lightning.core.schedules import TimeSpec
@@ -363,6 +363,8 @@ class SparsityCallback(MethodCallback):
     def _check_ranks(self, params: Mapping[str, Tensor]) -> None:
         """What this rank computed (masks, and the selected weights, which OBS-style methods change) against the
         other ranks'; raises naming the method, the parameters and the ranks."""
+        if not is_distributed():
+            return
         owner = f"{type(self).__name__} at step {self._module.trainer.global_step if self._module else '?'}"
         check_ranks_agree(self.mask_set.fingerprints(self.names), "masks", owner)
         check_ranks_agree({n: fingerprint(params[n]) for n in self.names}, "weights", owner)

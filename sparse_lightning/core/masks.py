@@ -155,12 +155,17 @@ def fingerprint(t: Tensor) -> Tensor:
     return torch.stack([bits.sum(), (bits * weights).sum()])
 
 
+def is_distributed() -> bool:
+    """Whether a process group of more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def check_ranks_agree(fingerprints: Mapping[str, Tensor], what: str, owner: str) -> None:
     """Raise ``RuntimeError`` naming ``owner``, the entries and the ranks when any rank's ``fingerprints`` differ.
 
     Every rank gathers every rank's fingerprints, so all of them raise together (none is left waiting).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not fingerprints:
+    if not is_distributed() or not fingerprints:
         return
     names = list(fingerprints)
     mine = torch.stack([fingerprints[n] for n in names])
