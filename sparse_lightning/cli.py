@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,32 +65,80 @@ def default_logger(run_name: str) -> dict[str, Any]:
     return {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": init_args}
 
 
+TRAINING_HELP = """usage: sparse-lightning {command} --recipe FILE [--var NAME=VALUE ...] [--log-model] [flags]
+
+Run `{command}` with a recipe's methods, model, data and Trainer settings; flags override the recipe.
+
+recipe options:
+  --recipe FILE       a recipe file, or the name of a shipped one (`sparse-lightning recipes list`)
+  --var NAME=VALUE    set one of the recipe's variables (repeat for several){variables}
+  --log-model         at the end of fit, log the final sparse checkpoint to W&B as a `model` artifact
+
+The run logs to W&B (offline when no login is found) unless --trainer.logger says otherwise. The LightningCLI
+flags follow (--trainer.*, --model, --data, --ckpt_path, ...)."""
+
+
+def _one_line(message: str) -> str:
+    """A jsonargparse or Lightning message (often many indented lines) as one line: the flag, the value given and
+    why it was refused."""
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
+    key = re.search(r'Parser key "([^"]+)"', message)
+    if key is None:
+        return " ".join(lines)[:400]
+    given = re.search(r"Given value: (.*)", message)
+    reasons = []
+    for i, line in enumerate(lines):
+        if line.startswith("Problem with given class_path") and i + 1 < len(lines):
+            reasons.append(f"{line.rstrip(':')}: {lines[i + 1]}")
+        elif line.startswith("Expected a ") and "NoneType" not in line and not line.startswith("Expected a path"):
+            reasons.append(line.replace("<class '", "").replace("'>", ""))
+        elif line.startswith(("Unrecognized", "Key ", "Not a valid", "Import path")):
+            reasons.append(line)
+    flag = f"--{key.group(1)}" + (f"={given.group(1)}" if given else "")
+    return f"{flag}: {'; '.join(dict.fromkeys(reasons)) or ' '.join(lines[1:3])}"[:400]
+
+
 def run_training(command: str, argv: Sequence[str]) -> int:
     pre = argparse.ArgumentParser(prog=f"sparse-lightning {command}", add_help=False)
-    pre.add_argument("--recipe", required=True)
+    pre.add_argument("--recipe")
     pre.add_argument("--var", action="append", default=[])
     pre.add_argument("--log-model", action="store_true")
     known, rest = pre.parse_known_args(argv)
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import WandbLogger
 
     from sparse_lightning.recipes import load
 
-    loaded = load(known.recipe, **_parse_vars(known.var))
-    recipe = loaded.recipe
+    wants_help = any(a in ("-h", "--help") for a in rest)
+    if known.recipe is None and not wants_help:
+        raise ConfigError(f"`sparse-lightning {command}` needs --recipe FILE (`sparse-lightning {command} --help`).")
+    loaded = load(known.recipe, **_parse_vars(known.var)) if known.recipe else None
+    if wants_help:
+        variables = ""
+        if loaded is not None and loaded.recipe.variables:
+            pairs = ", ".join(f"{k}={v!r}" for k, v in loaded.recipe.variables.items())
+            variables = f"\n                      {loaded.path.name} defines: {pairs}"
+        print(TRAINING_HELP.format(command=command, variables=variables) + "\n")
     args = [command]
     flags = {a.split("=")[0] for a in rest}
-    if recipe.model is not None and "--model" not in flags:
-        args += ["--model", json.dumps(recipe.model.model_dump())]
-    if recipe.data is not None and "--data" not in flags:
-        args += ["--data", json.dumps(recipe.data.model_dump())]
+    trainer_defaults: dict[str, Any] = {}
+    if loaded is not None:
+        recipe = loaded.recipe
+        if recipe.model is not None and "--model" not in flags:
+            args += ["--model", json.dumps(recipe.model.model_dump())]
+        if recipe.data is not None and "--data" not in flags:
+            args += ["--data", json.dumps(recipe.data.model_dump())]
+        # as flags, not defaults: the parser checks their types, and the saved config.yaml reproduces the run
+        args += [f"--trainer.{key}={json.dumps(value)}" for key, value in recipe.trainer.items()]
+        args += ["--trainer.callbacks", json.dumps(loaded.specs)]
+        if "--trainer.logger" not in flags and not wants_help:
+            trainer_defaults["logger"] = default_logger(recipe.name)
+        elif known.log_model and "wandb" not in " ".join(a for a in rest if "logger" in a).lower():
+            raise ConfigError("--log-model needs the W&B logger, but --trainer.logger replaces it.")
     args += list(rest)
-    trainer_defaults = {**recipe.trainer, "callbacks": loaded.callbacks}
-    if "--trainer.logger" not in flags:
-        trainer_defaults["logger"] = default_logger(recipe.name)
-    elif known.log_model and "wandb" not in " ".join(a for a in rest if "logger" in a).lower():
-        raise ConfigError("--log-model needs the W&B logger, but --trainer.logger replaces it.")
 
     class RecipeCLI(LightningCLI):
         def _log_recipe(self) -> None:
@@ -100,24 +150,81 @@ def run_training(command: str, argv: Sequence[str]) -> int:
 
         before_fit = before_validate = before_test = _log_recipe
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (TypeError, ValueError, MisconfigurationException) as err:  # a flag Lightning refuses
+                raise ConfigError(f"Trainer: {_one_line(str(err))}") from None
+
         def after_fit(self) -> None:
             if known.log_model:
                 log_model_artifact(self.trainer, loaded.recipe.name)
+            print_fit_summary(self.trainer, self.datamodule, loaded)
 
-    argv_before, sys.argv = sys.argv, sys.argv[:1]
     try:
-        RecipeCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            trainer_defaults=trainer_defaults,
-            save_config_kwargs={"overwrite": True},
-        )
-    finally:
-        sys.argv = argv_before
+        with warnings.catch_warnings():
+            # sys.argv stays as given, so DDP's launcher starts the other ranks with the same command
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            RecipeCLI(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=args,
+                trainer_defaults=trainer_defaults,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"exit_on_error": False},
+            )
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except ArgumentError as err:
+        raise ConfigError(_one_line(str(err))) from None
+    except MisconfigurationException as err:
+        raise ConfigError(_one_line(str(err))) from None
     return 0
+
+
+def print_fit_summary(trainer: Any, datamodule: Any, loaded: Any) -> None:
+    """What the run bought, at a glance: test accuracy, sparsity per layer, non-zero parameters and bytes, the
+    recipe's dense reference, where the checkpoint and the W&B run are."""
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from sparse_lightning.callbacks.monitor import weight_sparsities
+    from sparse_lightning.core.masks import masks_of
+
+    model = trainer.lightning_module
+    results = {}
+    if datamodule is not None and is_overridden("test_dataloader", datamodule):
+        results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return
+    params = dict(model.named_parameters())
+    masks = masks_of(model)
+    global_sparsity, per_layer = weight_sparsities(params, masks)
+    nonzero = sum(int((p != 0).sum()) for p in params.values())
+    total = sum(p.numel() for p in params.values())
+    nonzero_bytes = sum(int((p != 0).sum()) * p.element_size() for p in params.values())
+    lines = ["", f"== {loaded.recipe.name}: {loaded.recipe.description}"]
+    for key, value in results.items():
+        reference = loaded.recipe.reference.get(key)
+        source = loaded.recipe.reference.get("source", "")
+        extra = f"   (dense reference {reference:.4f}: {source})" if isinstance(reference, float) else ""
+        lines.append(f"   {key:<22s} {value:.4f}{extra}")
+    lines.append(f"   {'sparsity (masked)':<22s} {global_sparsity:.4f} over {len(masks)} parameter(s)")
+    for name, value in per_layer.items():
+        lines.append(f"     {name:<38s} {tuple(params[name].shape)!s:>16s}  {value:.4f}")
+    size = f"{nonzero_bytes / 2**10:,.1f} KiB"
+    lines.append(f"   {'non-zero parameters':<22s} {nonzero:,} of {total:,} ({size} of non-zero values)")
+    checkpoint = trainer.checkpoint_callback
+    path = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint is not None else ""
+    lines.append(f"   {'checkpoint':<22s} {path or 'none (checkpointing is off)'}")
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run_dir = Path(logger.experiment.dir).parent
+            hint = f"   upload: wandb sync {run_dir}" if logger.experiment.offline else ""
+            lines.append(f"   {'W&B run':<22s} {run_dir}{hint}")
+    print("\n".join(lines))
 
 
 def log_model_artifact(trainer: Any, recipe_name: str) -> None:
@@ -174,8 +281,9 @@ def recipes_command(argv: Sequence[str]) -> int:
             methods = ", ".join(m.method for s in r.stages for m in s.methods)
             targets = [m.args.get("sparsity") for s in r.stages for m in s.methods if "sparsity" in m.args]
             rows.append((r.name, methods, f"{targets[-1]:.0%}" if targets else "-", r.description))
-        width = [max(len(row[i]) for row in rows) for i in range(3)]
-        for row in [("name", "method", "target", "description"), *rows]:
+        header = ("name", "method", "target", "description")
+        width = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+        for row in [header, *rows]:
             print("  ".join(c.ljust(w) for c, w in zip(row[:3], width, strict=True)) + "  " + row[3])
         return 0
     if args.action == "show":

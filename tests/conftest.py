@@ -29,3 +29,15 @@ def loader():
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SPARSE_LIGHTNING_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb():
+    """Each test that starts a W&B run gets a fresh W&B service: a second offline run in one process otherwise
+    wrote no ``run-*.wandb`` file."""
+    yield
+    if "wandb" in sys.modules:
+        import wandb
+
+        wandb.finish()
+        wandb.teardown()

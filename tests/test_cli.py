@@ -16,6 +16,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 def test_fit_a_shipped_recipe_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # wandb keeps the last run's directory otherwise
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     args = [
         "fit",

@@ -92,3 +92,25 @@ def test_two_methods_log_one_global_sparsity_over_every_mask(tmp_path, monkeypat
     table = json.loads(table_file.read_text())
     targets = {row[0]: row[5] for row in table["data"]}
     assert targets == {"fc1.weight": 0.5, "fc2.weight": 102 / 128}
+
+
+def test_sparsity_reaches_the_logger_and_progress_bar_between_logging_steps(tmp_path):
+    """log_every_n_steps=50 on a 16-step run: Lightning would log nothing. The first step and every mask update
+    still reach the logger, and the progress bar shows the sparsity from the first step on."""
+    shown = []
+
+    class ProgressBarProbe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            shown.append(trainer.progress_bar_metrics.get("sparsity/global"))
+
+    logger = CSVLogger(tmp_path)
+    pruning = GradualMagnitudePruning(sparsity=0.5, start=3, end=9, every=3)
+    settings = {**QUIET, "logger": logger}
+    trainer = pl.Trainer(max_epochs=2, log_every_n_steps=50, callbacks=[pruning, ProgressBarProbe()], **settings)
+    trainer.fit(TinyNet(), tiny_loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sparsity/global")]
+    assert [int(r["step"]) for r in rows] == [0, 3, 6, 9]
+    assert float(rows[0]["sparsity/global"]) == 0.0 and float(rows[-1]["sparsity/global"]) == pytest.approx(0.5, 1e-3)
+    assert len(shown) == 16 and None not in shown
+    assert shown[0] == 0.0 and shown[-1] == pytest.approx(0.5, abs=1e-3)

@@ -1,6 +1,8 @@
 """Training loops beyond the plain one: AMP steps that a GradScaler skips, manual optimization, two optimizers,
 resume of the fixed-mask methods, and dataloaders without a length."""
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -194,3 +196,34 @@ def test_a_dataloader_without_length(kwargs, trainer_kwargs, message):
     trainer.fit(TinyNet(), loader)
     assert trainer.global_step == 20
     assert pruning.end_step == (10 if isinstance(kwargs["end"], float) else 12)
+
+
+def test_resuming_with_another_training_length_says_what_moves(tmp_path):
+    """A run planned for 4 epochs (32 steps), resumed from epoch 1 with max_epochs=3 (24 steps): end=0.75 was step
+    24 and becomes 18, in one warning naming both lengths. The same length resumes silently."""
+
+    def fit(epochs, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        pruning = GradualMagnitudePruning(sparsity=0.5, start=2, end=0.75, every=4, log_sparsity=False)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            callbacks=[pruning, *callbacks],
+            default_root_dir=tmp_path,
+            **{**QUIET, "enable_checkpointing": True},
+        )
+        trainer.fit(TinyNet(), tiny_loader(), ckpt_path=ckpt_path)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    with pytest.warns(UserWarning, match="before `end`"):
+        fit(4, callbacks=[ckpt, StopAfter(2)])
+    path = tmp_path / "ckpt" / "epoch=1.ckpt"
+    message = (
+        r"GradualMagnitudePruning: the checkpoint's run was 32 optimizer steps long \(8 an epoch\), this one is 24 "
+        r"\(8\); times given as fractions or epochs follow the new length, so its events move from steps 2..24 to "
+        r"2..18"
+    )
+    with pytest.warns(UserWarning, match=message):
+        fit(3, ckpt_path=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpoint's run was")
+        fit(4, ckpt_path=path)

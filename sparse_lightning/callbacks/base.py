@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import astuple
 from typing import Any
 
 import lightning.pytorch as pl
@@ -220,6 +221,7 @@ class SparsityCallback(MethodCallback):
         self._writer = SparsityWriter()
         self.add_state("last_update_step", -1)
         self.add_state("deferred_update", False)
+        self.add_state("planned_timeline", None)
 
     # --- what a method provides --------------------------------------------------------------------------------
 
@@ -321,7 +323,11 @@ class SparsityCallback(MethodCallback):
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.resolve_schedule(timeline_of(trainer))
+        timeline = timeline_of(trainer)
+        if self.planned_timeline is not None and tuple(self.planned_timeline) != astuple(timeline):
+            self._warn_if_schedule_moves(Timeline(*self.planned_timeline), timeline)
+        self.resolve_schedule(timeline)
+        self.planned_timeline = list(astuple(timeline))
         params = self.params()
         self.mask_set.apply_to_weights(params, self.names)
         for optimizer in trainer.optimizers:  # state restored from a checkpoint (or a dense run) included
@@ -344,6 +350,24 @@ class SparsityCallback(MethodCallback):
                 self.deferred_update = False
                 self.update_masks(trainer, pl_module, step)
         self.mask_set.apply_to_grads(self.params(), self.names)
+
+    def _warn_if_schedule_moves(self, saved: Timeline, now: Timeline) -> None:
+        """A run resumed with another length: fraction and epoch times resolve against the new one; say so."""
+        self.resolve_schedule(saved)
+        before = [e.step for e in self.events()]
+        self.resolve_schedule(now)
+        after = [e.step for e in self.events()]
+        if before != after:
+            moved = (
+                f"its events move from steps {before[0]}..{before[-1]} to {after[0]}..{after[-1]}"
+                if before and after
+                else "its events change"
+            )
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's run was {saved.total_steps:g} optimizer steps long "
+                f"({saved.steps_per_epoch:g} an epoch), this one is {now.total_steps:g} ({now.steps_per_epoch:g}); "
+                f"times given as fractions or epochs follow the new length, so {moved}."
+            )
 
     def _gradients_finite(self) -> bool:
         grads = [p.grad for p in (self.params()[n] for n in self.names) if p.grad is not None]

@@ -63,8 +63,8 @@ def combined_target(trainer: pl.Trainer) -> float | None:
     return weighted / total if total else None
 
 
-def log_sparsity(trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True) -> dict[str, float]:
-    """Log ``sparsity/global``, ``sparsity/target`` and ``sparsity/<name>`` over every mask of ``pl_module``."""
+def sparsity_values(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    """``sparsity/global``, ``sparsity/target`` and ``sparsity/<name>`` over every mask of ``pl_module``."""
     names = MaskSet.of(pl_module).names()
     if not names:
         return {}
@@ -74,6 +74,13 @@ def log_sparsity(trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: b
     if target is not None:
         values["sparsity/target"] = float(target)
     values.update({f"sparsity/{name}": value for name, value in per_layer.items()})
+    return values
+
+
+def log_sparsity(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, values: Mapping[str, float], prog_bar: bool = True
+) -> None:
+    """Log ``values`` through ``pl_module.log`` (``sparsity/global`` in the progress bar)."""
     has_logger = bool(trainer.loggers)
     for key, value in values.items():
         pl_module.log(
@@ -85,7 +92,6 @@ def log_sparsity(trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: b
             logger=has_logger,
             batch_size=1,
         )
-    return values
 
 
 def should_log(trainer: pl.Trainer) -> bool:
@@ -131,19 +137,39 @@ def log_wandb_details(trainer: pl.Trainer, pl_module: pl.LightningModule, histog
 
 
 class SparsityWriter:
-    """What the writing callback does: scalars when Lightning logs, W&B details when the masks have changed."""
+    """What the writing callback does after each batch.
+
+    The values are computed at the first step, when Lightning logs (``log_every_n_steps``) and after every mask
+    change; the first step and mask changes reach the loggers even between logging steps, and
+    ``sparsity/global`` is in the progress bar from the first step on (the last computed value in between).
+    W&B details are logged after every mask change.
+    """
 
     def __init__(self) -> None:
         self._logged_version = 0
+        self._values: dict[str, float] | None = None
 
     def write_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True, histograms: bool = True
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prog_bar: bool = True,
+        histograms: bool = True,
+        details: bool = True,
     ) -> None:
-        if should_log(trainer):
-            log_sparsity(trainer, pl_module, prog_bar)
         version = MaskSet.of(pl_module).version
-        if version != self._logged_version:
-            self.write_details(trainer, pl_module, histograms)
+        changed, first, regular = version != self._logged_version, self._values is None, should_log(trainer)
+        if regular or changed or first:
+            self._values = sparsity_values(trainer, pl_module)
+            log_sparsity(trainer, pl_module, self._values, prog_bar)
+            if (changed or first) and not regular and self._values and trainer.loggers:
+                trainer._logger_connector.log_metrics(self._values)
+        elif prog_bar and self._values:
+            log_sparsity(trainer, pl_module, {"sparsity/global": self._values["sparsity/global"]}, prog_bar)
+        if changed:
+            self._logged_version = version
+            if details:
+                log_wandb_details(trainer, pl_module, histograms)
 
     def write_details(self, trainer: pl.Trainer, pl_module: pl.LightningModule, histograms: bool = True) -> None:
         self._logged_version = MaskSet.of(pl_module).version
@@ -176,10 +202,7 @@ class SparsityMonitor(pl.Callback):
         self._writer = SparsityWriter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if self.wandb_details:
-            self._writer.write_step(trainer, pl_module, self.prog_bar, self.histograms)
-        elif should_log(trainer):
-            log_sparsity(trainer, pl_module, self.prog_bar)
+        self._writer.write_step(trainer, pl_module, self.prog_bar, self.histograms, self.wandb_details)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.wandb_details:

@@ -41,6 +41,8 @@ class LoadedRecipe:
     recipe: Recipe
     resolved: dict[str, Any]
     callbacks: list[pl.Callback]
+    specs: list[dict[str, Any]]
+    """``{"class_path", "init_args"}`` of each callback, as LightningCLI configs name them (the saved config)."""
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -124,7 +126,8 @@ def load(path_or_name: str | Path, **overrides: Any) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(resolved)
     except ValidationError as err:
-        first = err.errors()[0]
+        errors = err.errors()
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         field = _field_path(first["loc"])
         message = first["msg"]
         if first["type"] == "extra_forbidden":
@@ -134,8 +137,37 @@ def load(path_or_name: str | Path, **overrides: Any) -> LoadedRecipe:
         elif first["type"] == "missing":
             message = "this key is required."
         raise RecipeError(path, field, message) from None
-    callbacks = build_callbacks(recipe, path)
-    return LoadedRecipe(path, recipe, resolved, callbacks)
+    check_trainer(recipe.trainer, path)
+    callbacks, specs = build_callbacks(recipe, path)
+    return LoadedRecipe(path, recipe, resolved, callbacks, specs)
+
+
+_TRAINER_COUNTS = {
+    "max_epochs": -1,
+    "min_epochs": 0,
+    "max_steps": -1,
+    "min_steps": 0,
+    "accumulate_grad_batches": 1,
+    "log_every_n_steps": 1,
+    "check_val_every_n_epoch": 1,
+    "num_nodes": 1,
+}
+
+
+def check_trainer(trainer: Mapping[str, Any], path: Path) -> None:
+    """The recipe's ``trainer`` defaults: names of ``Trainer`` arguments, and counts that are ints in range."""
+    allowed = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    for key, value in trainer.items():
+        if key not in allowed:
+            raise RecipeError(path, f"trainer.{key}", "not an argument of lightning.pytorch.Trainer.")
+        if key in ("callbacks", "logger", "plugins", "strategy") and not isinstance(value, (str, bool)):
+            raise RecipeError(path, f"trainer.{key}", "set it on the command line (`--trainer.{key}`).")
+        low = _TRAINER_COUNTS.get(key)
+        if low is not None and value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RecipeError(path, f"trainer.{key}", f"must be an int >= {low}, got {value!r}.")
+            if value < low:
+                raise RecipeError(path, f"trainer.{key}", f"must be an int >= {low}, got {value}.")
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
@@ -152,8 +184,9 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def build_callbacks(recipe: Recipe, path: Path) -> list[pl.Callback]:
+def build_callbacks(recipe: Recipe, path: Path) -> tuple[list[pl.Callback], list[dict[str, Any]]]:
     callbacks: list[pl.Callback] = []
+    specs: list[dict[str, Any]] = []
     windows: list[tuple[str, Any, Any, pl.Callback]] = []
     for i, stage in enumerate(recipe.stages):
         for j, spec in enumerate(stage.methods):
@@ -184,10 +217,11 @@ def build_callbacks(recipe: Recipe, path: Path) -> list[pl.Callback]:
             except (ValueError, TypeError) as err:
                 raise RecipeError(path, f"{field}.args", str(err)) from None
             callbacks.append(callback)
+            specs.append({"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args})
             if isinstance(callback, MethodCallback) and callback.window is not None:
                 windows.append((f"stages[{i}]", *callback.window, callback))
     _check_overlaps(windows, path)
-    return callbacks
+    return callbacks, specs
 
 
 def _check_overlaps(windows: list[tuple[str, Any, Any, pl.Callback]], path: Path) -> None:

@@ -7,6 +7,7 @@ variables: {sparsity: 0.9}            # referenced as ${sparsity}; `--var sparsi
 model: {class_path: sparse_lightning.models.MNIST1DCNN, init_args: {channels: 25}}   # optional default
 data: {class_path: sparse_lightning.data.MNIST1DDataModule}                           # optional default
 trainer: {max_epochs: 60}             # optional Trainer defaults (an addition to the format: command-line flags win)
+reference: {test/acc: 0.957, source: "dense, docs/benchmarks.md"}   # optional: what `fit` compares its result with
 stages:
   - name: prune
     start: 0.1                        # the stage window (steps, fraction of training or "3ep"); it becomes the
@@ -63,4 +64,5 @@ class Recipe(_Strict):
     model: ClassSpec | None = None
     data: ClassSpec | None = None
     trainer: dict[str, Any] = Field(default_factory=dict)
+    reference: dict[str, Any] = Field(default_factory=dict)
     stages: list[Stage] = Field(min_length=1)
