@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+FIGURES = Path(__file__).parents[1] / "docs" / "figures"
 
 
 def run(config: dict) -> dict:
@@ -182,6 +183,8 @@ LABELS = {
 def write_report(path: Path) -> None:
     from _report import mean_spread, table, write_section
 
+    from sparse_lightning.plots import plot_accuracy_vs_sparsity
+
     with path.open() as f:
         rows = [
             {
@@ -221,9 +224,17 @@ def write_report(path: Path) -> None:
                     accs = [r["test_acc"] for r in runs]
                     table_rows.append([label, f"{level:.0%}", mean_spread(accs), str(len(runs)), f"{achieved:.4f}"])
         name = "paper CNN (25 channels)" if channels == 25 else f"wide CNN ({channels} channels)"
+        figure = FIGURES / f"accuracy_mnist1d_c{channels}.png"
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for r in sub:
+            if r["method"] != "dense":
+                series.setdefault(r["method"], []).append((r["sparsity"], r["achieved"], r["test_acc"]))
+        plot_accuracy_vs_sparsity(series, dense, figure, title=f"MNIST-1D, {name}, {epochs} epochs")
         body += [
             "",
             f"### {name}, {epochs} epochs",
+            "",
+            f"![test accuracy against achieved sparsity, {name}]({figure.relative_to(FIGURES.parent)})",
             "",
             table(["method", "target", "test accuracy", "n", "achieved sparsity"], table_rows),
         ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import statistics
 import time
@@ -231,9 +232,29 @@ COLUMNS = [
 ]
 
 
-def write_results(runs: Sequence[BenchRun], out_dir: Path, command: str) -> tuple[Path, Path, str]:
+def plot_runs(runs: Sequence[BenchRun], path: Path) -> Path:
+    """Test accuracy against achieved sparsity: ModelPruning as one line over its targets, each recipe its own
+    point (seed spread as error bars), dense as a band."""
+    from sparse_lightning.plots import plot_accuracy_vs_sparsity
+
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for r in runs:
+        if r.name != "dense":
+            key = "ModelPruning" if r.name.startswith("ModelPruning ") else r.name
+            series.setdefault(key, []).append((r.sparsity_target, r.achieved, r.test_acc))
+    dense = [r.test_acc for r in runs if r.name == "dense"]
+    return plot_accuracy_vs_sparsity(series, dense, path, title="sparse-lightning bench")
+
+
+def write_results(
+    runs: Sequence[BenchRun], out_dir: Path, command: str, doc_dir: Path | None = None
+) -> tuple[Path, Path, str]:
+    """``bench.csv``, ``bench.png`` and ``bench.md`` in ``out_dir``; the Markdown links the picture relative to
+    ``doc_dir`` (default: ``out_dir``), where it will be read."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "bench.csv", out_dir / "bench.md"
+    png_path = plot_runs(runs, out_dir / "bench.png")
+    link = os.path.relpath(png_path, doc_dir or out_dir)
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
@@ -245,6 +266,8 @@ def write_results(runs: Sequence[BenchRun], out_dir: Path, command: str) -> tupl
         "",
         f"`{command}` (raw rows: `{csv_path}`). Mean ± standard deviation over seeds; step-time ratio against the",
         "dense run of the same seed, measured in the same invocation.",
+        "",
+        f"![test accuracy against achieved sparsity]({link})",
         "",
         "| run | target | test accuracy (%) | achieved sparsity | FLOPs ratio | non-zero param KiB | wall (s) | "
         "step-time ratio |",
@@ -267,6 +290,20 @@ def write_results(runs: Sequence[BenchRun], out_dir: Path, command: str) -> tupl
     text = "\n".join(lines) + "\n"
     md_path.write_text(text)
     return csv_path, md_path, text
+
+
+def log_to_wandb(runs: Sequence[BenchRun], png_path: Path, command: str) -> str:
+    """One W&B run (job type ``bench``; offline without a login) with the table of runs and the picture."""
+    import wandb
+    from sparse_lightning.cli import wandb_logged_in
+
+    mode = "online" if wandb_logged_in() and os.environ.get("WANDB_MODE") != "offline" else "offline"
+    run = wandb.init(project="sparse-lightning", job_type="bench", mode=mode, config={"command": command})
+    table = wandb.Table(columns=COLUMNS, data=[[getattr(r, c) for c in COLUMNS] for r in runs])
+    run.log({"bench/runs": table, "bench/accuracy_vs_sparsity": wandb.Image(str(png_path))})
+    run_dir = str(Path(run.dir).parent)
+    run.finish()
+    return run_dir
 
 
 def write_doc_section(doc: Path, name: str, body: str) -> None:

@@ -67,7 +67,8 @@ def default_logger(run_name: str) -> dict[str, Any]:
 
 TRAINING_HELP = """usage: sparse-lightning {command} --recipe FILE [--var NAME=VALUE ...] [--log-model] [flags]
 
-Run `{command}` with a recipe's methods, model, data and Trainer settings; flags override the recipe.
+Run `{command}` with a recipe's methods, model, data and Trainer settings; flags override the recipe. A run's saved
+config.yaml repeats it without the recipe: `sparse-lightning {command} --config config.yaml`.
 
 recipe options:
   --recipe FILE       a recipe file, or the name of a shipped one (`sparse-lightning recipes list`)
@@ -113,7 +114,8 @@ def run_training(command: str, argv: Sequence[str]) -> int:
     from sparse_lightning.recipes import load
 
     wants_help = any(a in ("-h", "--help") for a in rest)
-    if known.recipe is None and not wants_help:
+    from_config = any(a in ("-c", "--config") or a.startswith("--config=") for a in rest)
+    if known.recipe is None and not wants_help and not from_config:
         raise ConfigError(f"`sparse-lightning {command}` needs --recipe FILE (`sparse-lightning {command} --help`).")
     loaded = load(known.recipe, **_parse_vars(known.var)) if known.recipe else None
     if wants_help:
@@ -142,6 +144,8 @@ def run_training(command: str, argv: Sequence[str]) -> int:
 
     class RecipeCLI(LightningCLI):
         def _log_recipe(self) -> None:
+            if loaded is None:
+                return
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.experiment.config.update({"recipe": loaded.resolved}, allow_val_change=True)
@@ -158,7 +162,7 @@ def run_training(command: str, argv: Sequence[str]) -> int:
 
         def after_fit(self) -> None:
             if known.log_model:
-                log_model_artifact(self.trainer, loaded.recipe.name)
+                log_model_artifact(self.trainer, loaded.recipe.name if loaded else "config")
             print_fit_summary(self.trainer, self.datamodule, loaded)
 
     try:
@@ -205,10 +209,11 @@ def print_fit_summary(trainer: Any, datamodule: Any, loaded: Any) -> None:
     nonzero = sum(int((p != 0).sum()) for p in params.values())
     total = sum(p.numel() for p in params.values())
     nonzero_bytes = sum(int((p != 0).sum()) * p.element_size() for p in params.values())
-    lines = ["", f"== {loaded.recipe.name}: {loaded.recipe.description}"]
+    lines = ["", f"== {loaded.recipe.name}: {loaded.recipe.description}" if loaded else "== run summary"]
+    references = loaded.recipe.reference if loaded else {}
     for key, value in results.items():
-        reference = loaded.recipe.reference.get(key)
-        source = loaded.recipe.reference.get("source", "")
+        reference = references.get(key)
+        source = references.get("source", "")
         extra = f"   (dense reference {reference:.4f}: {source})" if isinstance(reference, float) else ""
         lines.append(f"   {key:<22s} {value:.4f}{extra}")
     lines.append(f"   {'sparsity (masked)':<22s} {global_sparsity:.4f} over {len(masks)} parameter(s)")
@@ -382,10 +387,11 @@ def bench_command(argv: Sequence[str]) -> int:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--docs", default="docs/benchmarks.md", help="Markdown file whose `bench` section is rewritten")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--wandb", action="store_true", help="also log the table and the picture to a W&B run")
     args = parser.parse_args(argv)
     if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
         raise ConfigError("--seeds and --epochs must be at least 1.")
-    from sparse_lightning.bench import run_bench, write_doc_section, write_results
+    from sparse_lightning.bench import log_to_wandb, run_bench, write_doc_section, write_results
 
     trainer_args = {"limit_train_batches": args.limit_train_batches} if args.limit_train_batches else {}
     runs = run_bench(
@@ -397,11 +403,17 @@ def bench_command(argv: Sequence[str]) -> int:
         trainer_args,
     )
     command = "sparse-lightning bench " + " ".join(argv)
-    csv_path, md_path, text = write_results(runs, Path(args.out_dir), command)
+    doc_dir = None if args.no_docs else Path(args.docs).parent
+    csv_path, md_path, text = write_results(runs, Path(args.out_dir), command, doc_dir)
     print(text)
     if not args.no_docs:
         write_doc_section(Path(args.docs), "bench", text)
-    print(f"wrote {csv_path} and {md_path}" + ("" if args.no_docs else f"; updated {args.docs}"), file=sys.stderr)
+    print(
+        f"wrote {csv_path}, {md_path} and bench.png" + ("" if args.no_docs else f"; updated {args.docs}"),
+        file=sys.stderr,
+    )
+    if args.wandb:
+        print(f"W&B: {log_to_wandb(runs, Path(args.out_dir) / 'bench.png', command)}", file=sys.stderr)
     return 0
 
 

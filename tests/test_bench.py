@@ -2,13 +2,16 @@ import csv
 from pathlib import Path
 
 import pytest
+from wandb_records import history
 
 from sparse_lightning.cli import main
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
-def test_bench_on_a_tiny_setting_writes_the_tables(tmp_path, capsys):
+def test_bench_on_a_tiny_setting_writes_the_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nkept text\n")
     args = [
@@ -25,6 +28,7 @@ def test_bench_on_a_tiny_setting_writes_the_tables(tmp_path, capsys):
         str(tmp_path / "out"),
         "--docs",
         str(doc),
+        "--wandb",
     ]
     assert main(args) == 0
     with open(tmp_path / "out" / "bench.csv") as f:
@@ -43,6 +47,13 @@ def test_bench_on_a_tiny_setting_writes_the_tables(tmp_path, capsys):
     text = doc.read_text()
     assert "kept text" in text and "<!-- bench:start -->" in text and "| gmp-90-global | 90% |" in text
     assert "sparse-lightning bench --recipes" in text
+    assert "![test accuracy against achieved sparsity](out/bench.png)" in text  # relative to the doc
+    png = (tmp_path / "out" / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    (row,) = [r for r in history(run_file) if "bench/accuracy_vs_sparsity/_type" in r]
+    assert row["bench/accuracy_vs_sparsity/_type"] == "image-file"
+    assert row["bench/runs/_type"] == "table-file" and row["bench/runs/nrows"] == 6
 
 
 def test_bench_rejects_bad_input(capsys):

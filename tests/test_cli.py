@@ -134,3 +134,66 @@ def test_validate_and_fit_give_the_same_error_for_a_bad_schedule(tmp_path, monke
     fit_err = capsys.readouterr().err
     assert message in validate_err and message in fit_err, (validate_err, fit_err)
     assert "Traceback" not in validate_err + fit_err
+
+
+def test_the_saved_config_reproduces_the_run_and_the_summary_is_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--trainer.limit_train_batches=5", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    assert main(["fit", "--recipe", str(RECIPES / "gmp-90-global.yaml"), "--var", "epochs=2", *flags]) == 0
+    first = capsys.readouterr().out
+    summary = first[first.index("== gmp-90-global") :]
+    assert "test/acc" in summary and "sparsity (masked)      0.8999 over 4 parameter(s)" in summary  # 4612 of 5125
+    assert "net.conv2.weight" in summary and "non-zero parameters" in summary and "checkpoint" in summary
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    (callback,) = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "sparse_lightning.callbacks.gradual.GradualMagnitudePruning"
+    assert callback["init_args"]["sparsity"] == 0.9 and callback["init_args"]["start"] == 0.1
+    (tmp_path / "config.yaml").rename(tmp_path / "run.yaml")
+    assert main(["fit", "--config", str(tmp_path / "run.yaml")]) == 0
+    again = capsys.readouterr().out
+    assert again[again.index("== run summary") :].splitlines()[1:-1] == summary.splitlines()[1:-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--var", "epochs=-5"], "trainer.max_epochs: must be an int >= -1, got -5"),
+        (["--var", "epochs=ten"], "trainer.max_epochs: must be an int >= -1, got 'ten'"),
+        (["--trainer.max_epochs=-3"], "`max_epochs` must be a non-negative integer or -1. You passed in -3"),
+        (["--trainer.max_epochs=abc"], "--trainer.max_epochs=abc: Expected a int"),
+        (["--trainer.accelerator=gpu"], "Trainer: No supported gpu backend found!"),
+        (["--trainer.devices=abc"], "Trainer: `devices` selected with `CPUAccelerator` should be an int > 0"),
+        (["--trainer.precision=13"], "--trainer.precision=13: Expected a typing.Literal"),
+        (["--model", "torchvision.models.resnet999"], "module 'torchvision.models' has no attribute 'resnet999'"),
+        (["--trainer.foo=1"], "unrecognized arguments: --trainer.foo=1"),
+    ],
+)
+def test_user_errors_at_the_front_door_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--recipe", str(RECIPES / "gmp-90-global.yaml"), "--trainer.logger=false", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    (line,) = [e for e in err.splitlines() if e.startswith("sparse-lightning: error:")]
+    assert len(line) < 450
+
+
+def test_help_works_without_a_recipe_and_names_the_recipe_options(capsys):
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--recipe FILE", "--var NAME=VALUE", "--log-model", "--trainer.max_epochs"):
+        assert option in out
+    assert main(["fit", "--recipe", str(RECIPES / "gmp-90-global.yaml"), "--help"]) == 0
+    assert "gmp-90-global.yaml defines: sparsity=0.9, epochs=60" in capsys.readouterr().out
+    assert main(["fit"]) == 2
+    assert "needs --recipe FILE" in capsys.readouterr().err
+
+
+def test_recipe_list_aligns_and_unknown_top_level_keys_are_named(tmp_path, capsys):
+    assert main(["recipes", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].index("description")
+    assert all(line[column - 2 : column] == "  " and line[column] != " " for line in lines[1:])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndescription: y\nstagez: []\n")
+    assert main(["recipes", "validate", str(bad)]) == 2
+    assert "stagez: unknown key" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -128,3 +129,14 @@ def test_pattern_that_selects_nothing_fails_validation(write, capsys):
     code = main(["recipes", "validate", str(path), "--model", "sparse_lightning.models.MNIST1DCNN"])
     assert code == 2
     assert "`include` pattern 'encoder.*' selects no parameter" in capsys.readouterr().err
+
+
+def test_validate_plans_over_the_recipes_own_length(capsys):
+    """gmp-90-global: 60 epochs of MNIST-1D (3600 training samples, batch 100: 36 steps) = 2160 steps; its window
+    0.1 .. 0.6 starts at step 216 and ends at 1296."""
+    assert main(["recipes", "validate", str(Path(__file__).parents[1] / "recipes" / "gmp-90-global.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "plan for 2160 optimizer steps, 36 per epoch" in out
+    assert "28 event(s), from step 216 to 1296" in out
+    assert main(["recipes", "validate", "gmp-90-global", "--total-steps", "1000", "--steps-per-epoch", "10"]) == 0
+    assert "14 event(s), from step 100 to 600" in capsys.readouterr().out  # 100, 140, ..., 580 and 600
