@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +200,25 @@ def test_recipe_list_aligns_and_unknown_top_level_keys_are_named(tmp_path, capsy
     bad.write_text("name: x\ndescription: y\nstagez: []\n")
     assert main(["recipes", "validate", str(bad)]) == 2
     assert "stagez: unknown key" in capsys.readouterr().err
+
+
+def test_ddp_from_the_command_starts_every_rank_with_the_recipe(tmp_path):
+    """Lightning's DDP launcher starts the other ranks with ``sys.argv``: the command must leave it intact."""
+    cmd = [sys.executable, "-m", "sparse_lightning.cli", "fit", "--recipe", "gmp-90-global", "--var", "epochs=2"]
+    flags = [
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.logger=false",
+        "--trainer.limit_train_batches=4",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [*cmd, *flags, "--trainer.enable_progress_bar=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sparsity (masked)      0.8999 over 4 parameter(s)" in result.stdout
