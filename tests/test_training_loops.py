@@ -227,3 +227,18 @@ def test_resuming_with_another_training_length_says_what_moves(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*checkpoint's run was")
         fit(4, ckpt_path=path)
+
+
+def test_a_checkpoint_saved_before_newer_state_was_declared_still_loads(tmp_path):
+    """0.1.0 checkpoints have no `deferred_update` or `planned_timeline`: they keep their defaults."""
+    torch.manual_seed(0)
+    pruning = GradualMagnitudePruning(sparsity=0.5, start=2, end=8, every=2, log_sparsity=False)
+    pl.Trainer(max_epochs=1, callbacks=[pruning], **QUIET).fit(TinyNet(), tiny_loader())
+    state = pruning.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("deferred_update", "planned_timeline")}
+    restored = GradualMagnitudePruning(sparsity=0.5, start=2, end=8, every=2, log_sparsity=False)
+    restored.load_state_dict(old)
+    model = TinyNet()
+    pl.Trainer(max_epochs=1, callbacks=[restored], **QUIET).fit(model, tiny_loader())
+    for name, mask in state["masks"].items():
+        assert torch.equal(masks_of(model)[name], mask), name

@@ -159,13 +159,12 @@ class MethodCallback(pl.Callback):
         return {name: _saved(getattr(self, name)) for name in self._state_names}
 
     def load_states(self, state: Mapping[str, Any]) -> None:
+        """Restore every declared state the checkpoint holds; one it lacks (saved before that state was declared)
+        keeps its default."""
         device = self._module.device if self._module is not None else torch.device("cpu")
         for name in self._state_names:
-            if name not in state:
-                raise ConfigError(
-                    f"The checkpoint's {type(self).__name__} state has no {name!r}: saved by another version?"
-                )
-            setattr(self, name, _restored(getattr(self, name), state[name], device))
+            if name in state:
+                setattr(self, name, _restored(getattr(self, name), state[name], device))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
