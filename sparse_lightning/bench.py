@@ -295,6 +295,7 @@ def write_results(
 def log_to_wandb(runs: Sequence[BenchRun], png_path: Path, command: str) -> str:
     """One W&B run (job type ``bench``; offline without a login) with the table of runs and the picture."""
     import wandb
+
     from sparse_lightning.cli import wandb_logged_in
 
     mode = "online" if wandb_logged_in() and os.environ.get("WANDB_MODE") != "offline" else "offline"
