@@ -105,7 +105,7 @@ def test_sparsity_reaches_the_logger_and_progress_bar_between_logging_steps(tmp_
 
     logger = CSVLogger(tmp_path)
     pruning = GradualMagnitudePruning(sparsity=0.5, start=3, end=9, every=3)
-    settings = {**QUIET, "logger": logger}
+    settings = {**QUIET, "logger": logger, "enable_progress_bar": True}
     trainer = pl.Trainer(max_epochs=2, log_every_n_steps=50, callbacks=[pruning, ProgressBarProbe()], **settings)
     trainer.fit(TinyNet(), tiny_loader())
     with open(Path(logger.log_dir) / "metrics.csv") as f:

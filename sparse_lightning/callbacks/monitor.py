@@ -164,7 +164,7 @@ class SparsityWriter:
             log_sparsity(trainer, pl_module, self._values, prog_bar)
             if (changed or first) and not regular and self._values and trainer.loggers:
                 trainer._logger_connector.log_metrics(self._values)
-        elif prog_bar and self._values:
+        elif prog_bar and self._values and trainer.progress_bar_callback is not None:
             log_sparsity(trainer, pl_module, {"sparsity/global": self._values["sparsity/global"]}, prog_bar)
         if changed:
             self._logged_version = version
