@@ -112,6 +112,20 @@ class BenchRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def epoch_steps(data_spec: dict[str, Any], trainer_settings: dict[str, Any]) -> int:
+    """Optimizer steps in one epoch of ``data_spec``'s training loader on one device, under the Trainer settings'
+    ``limit_train_batches`` and ``accumulate_grad_batches``."""
+    data = instantiate(data_spec, "data")
+    data.setup("fit")
+    batches = len(data.train_dataloader())
+    limit = trainer_settings.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return max(1, math.ceil(batches / int(trainer_settings.get("accumulate_grad_batches", 1))))
+
+
 def recipe_plans(callbacks: Sequence[pl.Callback], model: nn.Module, timeline: Timeline) -> list[MethodPlan]:
     """The plans of a recipe's methods on ``model`` over ``timeline`` (what training will do)."""
     from sparse_lightning.callbacks.base import MethodCallback
@@ -154,12 +168,7 @@ def run_bench(
     data_spec = data or (loaded[0].recipe.data.model_dump() if loaded and loaded[0].recipe.data else None)
     if epochs is None:
         epochs = int(loaded[0].recipe.trainer.get("max_epochs", 10)) if loaded else 10
-    datamodule = instantiate(data_spec, "data")
-    datamodule.setup("fit")
-    batches = len(datamodule.train_dataloader())
-    limit = (trainer_args or {}).get("limit_train_batches")
-    if isinstance(limit, int):
-        batches = min(batches, limit)
+    batches = epoch_steps(data_spec, trainer_args or {})
     timeline = Timeline(float(epochs * batches), float(batches))
     plans = {rec.path: recipe_plans(rec.callbacks, instantiate(model_spec, "model"), timeline) for rec in loaded}
     targets = sorted({plans_target(p) for p in plans.values()})

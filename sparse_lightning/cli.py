@@ -319,10 +319,8 @@ def import_sparseml(file: str, output: str | None, prefix: str) -> int:
 def recipe_timeline(loaded: Any, total_steps: int | None, steps_per_epoch: int | None) -> Any:
     """The run a recipe describes, on one device: steps per epoch from its data (and the trainer's
     ``limit_train_batches`` / ``accumulate_grad_batches``), total steps from ``max_steps`` or ``max_epochs``."""
-    import math
-
+    from sparse_lightning.bench import epoch_steps
     from sparse_lightning.core.plan import Timeline
-    from sparse_lightning.recipes.loader import instantiate
 
     trainer = loaded.recipe.trainer
     for name, value in (("--total-steps", total_steps), ("--steps-per-epoch", steps_per_epoch)):
@@ -332,15 +330,7 @@ def recipe_timeline(loaded: Any, total_steps: int | None, steps_per_epoch: int |
         print("the recipe names no data: assuming 100 steps per epoch (set --steps-per-epoch)", file=sys.stderr)
         steps_per_epoch = 100
     if steps_per_epoch is None:
-        data = instantiate(loaded.recipe.data.model_dump(), "data")
-        data.setup("fit")
-        batches = len(data.train_dataloader())
-        limit = trainer.get("limit_train_batches")
-        if isinstance(limit, int) and not isinstance(limit, bool):
-            batches = min(batches, limit)
-        elif isinstance(limit, float):
-            batches = int(batches * limit)
-        steps_per_epoch = max(1, math.ceil(batches / int(trainer.get("accumulate_grad_batches", 1))))
+        steps_per_epoch = epoch_steps(loaded.recipe.data.model_dump(), trainer)
     if total_steps is None:
         max_steps = trainer.get("max_steps") or -1
         total_steps = max_steps if max_steps > 0 else int(trainer.get("max_epochs") or 1000) * steps_per_epoch

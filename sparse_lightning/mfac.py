@@ -17,17 +17,18 @@ done in float64, and:
 
 - ``SlidingInverseFisher.update_ihvp(g)`` (the preconditioner's path) uses the cancellation-free form for the
   gradient just pushed as row k: F^-1 g_k = m * G^T K^-1 e_k, one product with the window, no subtraction;
-- ``ihvp(x)`` for any x forms G x and x - G^T c with float64 accumulation (in chunks, never a float64 copy of the
-  whole window); it is exact to float64 for a ``StaticInverseFisher`` and for a float64 window. A float32
-  ``SlidingInverseFisher`` keeps K from float32 products, so its ``ihvp`` of a vector inside the window's span is
-  only as good as float32 allows; ``update_ihvp`` is the accurate path for that case.
+- ``ihvp(x)`` for any x forms G x and x - G^T c with float64 accumulation (through a reused cache-sized float64
+  chunk) and K^-1 of the exact float64 Gram: a float32 ``SlidingInverseFisher`` keeps K from float32 products for
+  its updates, so ``ihvp`` computes the float64 Gram once per window state (O(m^2 d)) and caches it; x inside the
+  window's span is then as accurate as any other x.
 
 Block-diagonal mode (``block_size=B``): the coordinates are split into consecutive blocks of B (the last one padded
 with zeros) and each block gets its own m x m system, as in the reference's blocked pruner; memory m x d for the
 window plus 2 * (d / B) * m^2 float64 values for the systems.
 
-Memory of a window: m x d values of its dtype (float32 by default), plus O(m^2) float64 values (O(d m^2 / B) with
-blocks); a window that does not fit the device's free memory is refused before it is allocated.
+Memory of a window: m x d values of its dtype (float32 by default; float64 once it is ``exact``, when that fits),
+plus O(m^2) float64 values (O(d m^2 / B) with blocks); a window that does not fit the device's free memory is
+refused before it is allocated.
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ def _window_rmatvec64(window: Tensor, coef: Tensor) -> Tensor:
     return out
 
 
+def _damped_gram64(window: Tensor, damp: float) -> Tensor:
+    """K = m * damp * I + G G^T per block, float64: (blocks, m, m)."""
+    m = window.shape[1]
+    return _gram64(window) + m * damp * torch.eye(m, dtype=torch.float64, device=window.device)
+
+
 def _gram64(window: Tensor) -> Tensor:
     """G G^T per block with float64 accumulation: (blocks, m, m)."""
     blocks, m, _ = window.shape
@@ -179,8 +186,7 @@ class StaticInverseFisher:
         pad = self.blocks * self.length - self.dim
         padded = torch.nn.functional.pad(grads, (0, pad)) if pad else grads
         self.window = padded.view(self.num_grads, self.blocks, self.length).transpose(0, 1)
-        eye = torch.eye(self.num_grads, dtype=torch.float64, device=grads.device)
-        self.factor = torch.linalg.cholesky(_gram64(self.window) + self.num_grads * self.damp * eye)
+        self.factor = torch.linalg.cholesky(_damped_gram64(self.window, self.damp))
 
     def ihvp(self, x: Tensor) -> Tensor:
         """F^-1 x for a d-vector, in x's dtype."""
@@ -282,8 +288,7 @@ class SlidingInverseFisher:
         if self.exact:
             return self.inverse
         if self._exact_cache is None or self._exact_cache[0] != self.updates:
-            eye = torch.eye(self.num_grads, dtype=torch.float64, device=self.device)
-            gram = _gram64(self.window) + self.num_grads * self.damp * eye
+            gram = _damped_gram64(self.window, self.damp)
             self._exact_cache = (self.updates, _spd_inverse(gram, self.num_grads * self.damp))
         return self._exact_cache[1]
 
@@ -335,13 +340,14 @@ class SlidingInverseFisher:
     def _refresh_inverse(self) -> None:
         """K^-1 anew from K (O(m^3)); a float32-built K that is no longer positive definite makes the window exact
         (once); an exact one is inverted through its eigenvalues, which are at least m * damp."""
+        if self.exact:
+            self.inverse = _spd_inverse(self.gram, self.num_grads * self.damp)
+            return
         factor, info = torch.linalg.cholesky_ex(self.gram)
-        if not bool(info.any()):
-            self.inverse = torch.cholesky_inverse(factor)
-        elif not self.exact:
+        if bool(info.any()):
             self._become_exact()
         else:
-            self.inverse = _spd_inverse(self.gram, self.num_grads * self.damp)
+            self.inverse = torch.cholesky_inverse(factor)
 
     def _become_exact(self) -> None:
         """Switch to float64-accumulated window products, rebuilding K and K^-1 from the window (once).
@@ -356,8 +362,7 @@ class SlidingInverseFisher:
         self.exact = True
         if self.window.dtype != torch.float64 and 2 * self.window.numel() * 8 <= free_memory(self.device):
             self.window = self.window.double()
-        eye = torch.eye(self.num_grads, dtype=torch.float64, device=self.device)
-        self.gram = _gram64(self.window) + self.num_grads * self.damp * eye
+        self.gram = _damped_gram64(self.window, self.damp)
         self.inverse = _spd_inverse(self.gram, self.num_grads * self.damp)
 
     def state_dict(self) -> dict:

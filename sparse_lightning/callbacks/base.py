@@ -369,7 +369,8 @@ class SparsityCallback(MethodCallback):
             )
 
     def _gradients_finite(self) -> bool:
-        grads = [p.grad for p in (self.params()[n] for n in self.names) if p.grad is not None]
+        params = self.params()
+        grads = [params[n].grad for n in self.names if params[n].grad is not None]
         return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
