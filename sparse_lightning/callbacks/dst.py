@@ -201,8 +201,8 @@ class SET(DynamicSparseTraining):
     - Layer densities are ERK by default. The paper's Erdos-Renyi (``distribution="er"``) was made for MLPs: for
       2-D weights ERK equals it, but on convolutions ER ignores the kernel size and starves the small early convs.
       On a 3-conv CNN at 90% (30 epochs; measured for issue 9) SET-ER reached 0.31 test accuracy and SET-ERK 0.90
-      (dense 0.99); the RigL paper also runs SET with ERK on CNNs. ``docs/benchmarks.md`` (accuracy, rows ``SET, ERK`` and ``SET, ER``)
-      shows both on MNIST-1D.
+      (dense 0.99); the RigL paper also runs SET with ERK on CNNs. ``docs/benchmarks.md`` (accuracy, rows
+      ``SET, ERK`` and ``SET, ER``) shows both on MNIST-1D.
     - The reference updates the mask after the step of an update iteration; here it is updated just before it (in
       ``on_before_optimizer_step``, like every method), so the step already uses the new mask.
     """
