@@ -37,6 +37,7 @@ def test_fit_a_shipped_recipe_logs_to_wandb_offline(tmp_path, monkeypatch, capsy
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # the W&B service writes the run file to its end before it stops
     assert "logging offline" in capsys.readouterr().err
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     rows = [r for r in history(run_file) if "sparsity/global" in r]

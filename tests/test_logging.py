@@ -23,6 +23,7 @@ def test_wandb_offline_run_records_sparsity_table_and_histograms(tmp_path, monke
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # the W&B service writes the run file to its end before it stops
     (run_file,) = Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb")
     rows = history(run_file)
     values = [(row["trainer/global_step"], row["sparsity/global"]) for row in rows if "sparsity/global" in row]
@@ -77,6 +78,7 @@ def test_two_methods_log_one_global_sparsity_over_every_mask(tmp_path, monkeypat
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # the W&B service writes the run file to its end before it stops
     fc1, fc2 = model.fc1.weight, model.fc2.weight
     true_global = (int((fc1 == 0).sum()) + int((fc2 == 0).sum())) / (fc1.numel() + fc2.numel())
     assert true_global == (1792 + 102) / 3712  # 0.8 of fc2's 128 weights rounds to 102
