@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "ChannelPruning": "sparse_lightning.callbacks",
     "ConstantMask": "sparse_lightning.callbacks",
     "GaP": "sparse_lightning.callbacks",
     "GradualMagnitudePruning": "sparse_lightning.callbacks",
@@ -22,6 +23,7 @@ _EXPORTS = {
     "SparsityCallback": "sparse_lightning.callbacks",
     "SparsityMonitor": "sparse_lightning.callbacks",
     "StaticRandomMask": "sparse_lightning.callbacks",
+    "compact": "sparse_lightning.structure",
     "load_recipe": "sparse_lightning.recipes",
     "masks_of": "sparse_lightning.core.masks",
 }
@@ -29,6 +31,7 @@ _EXPORTS = {
 __all__ = [
     "SET",
     "SNIP",
+    "ChannelPruning",
     "ConstantMask",
     "GaP",
     "GradualMagnitudePruning",
@@ -38,6 +41,7 @@ __all__ = [
     "SparsityCallback",
     "SparsityMonitor",
     "StaticRandomMask",
+    "compact",
     "load_recipe",
     "masks_of",
 ]
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from sparse_lightning.callbacks import (
         SET,
         SNIP,
+        ChannelPruning,
         ConstantMask,
         GaP,
         GradualMagnitudePruning,
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
     )
     from sparse_lightning.core.masks import masks_of
     from sparse_lightning.recipes import load_recipe
+    from sparse_lightning.structure import compact
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 """Lightning callbacks, one file per method, all on :class:`~sparse_lightning.callbacks.base.SparsityCallback`."""
 
 from sparse_lightning.callbacks.base import SparsityCallback
+from sparse_lightning.callbacks.channels import ChannelPruning
 from sparse_lightning.callbacks.dst import SET, RigL, StaticRandomMask
 from sparse_lightning.callbacks.gap import GaP
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
@@ -11,6 +12,7 @@ from sparse_lightning.callbacks.snip import SNIP
 
 __all__ = [
     "METHODS",
+    "ChannelPruning",
     "ConstantMask",
     "GaP",
     "GradualMagnitudePruning",

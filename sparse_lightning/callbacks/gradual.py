@@ -18,8 +18,75 @@ from sparse_lightning.core.plan import Event, Timeline, check_window
 from sparse_lightning.core.schedules import TimeSpec, TimeValue, check_curve, is_event, parse_time, sparsity_at
 
 
+class GradualSchedule:
+    """The gradual schedule of Zhu & Gupta 2017, shared by every method that prunes on it.
+
+    Every ``every`` optimizer steps from ``start`` to ``end`` the target follows ``curve`` from
+    ``initial_sparsity`` to ``sparsity`` (eq. (1) of the paper for ``"cubic"``); the final target is reached at
+    ``end``. A subclass calls :meth:`init_schedule` in its constructor.
+    """
+
+    sparsity: float
+    last_update_step: int
+
+    def init_schedule(
+        self, sparsity: float, initial_sparsity: float, start: TimeValue, end: TimeValue, every: TimeValue, curve: str
+    ) -> None:
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
+        if self.initial_sparsity > self.sparsity:
+            raise ConfigError(
+                f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}): pruned weights "
+                "never return."
+            )
+        self.start_spec = parse_time(start, "start")
+        self.end_spec = parse_time(end, "end")
+        self.every_spec = parse_time(every, "every", allow_zero=False)
+        check_window(self.start_spec, self.end_spec, self.every_spec)
+        self.curve = check_curve(curve)
+        self.start_step: int | None = None
+        self.end_step: int | None = None
+        self.every_steps: int | None = None
+
+    @property
+    def current_target(self) -> float | None:
+        if self.start_step is None or self.last_update_step < 0:
+            return 0.0
+        return self.target_at(self.last_update_step)
+
+    def target_at(self, step: int) -> float:
+        assert self.start_step is not None and self.end_step is not None
+        return sparsity_at(step, self.start_step, self.end_step, self.initial_sparsity, self.sparsity, self.curve)
+
+    @property
+    def window(self) -> tuple[TimeSpec, TimeSpec]:
+        return self.start_spec, self.end_spec
+
+    def resolve_schedule(self, timeline: Timeline) -> None:
+        self.start_step, self.end_step, self.every_steps = timeline.window(
+            self.start_spec, self.end_spec, self.every_spec
+        )
+
+    def events(self) -> list[Event]:
+        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
+        steps = [*range(self.start_step, self.end_step, self.every_steps), self.end_step]
+        return [Event(step, "prune", self.target_at(step)) for step in dict.fromkeys(steps)]
+
+    def is_update_step(self, step: int) -> bool:
+        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
+        return is_event(step, self.start_step, self.end_step, self.every_steps)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)  # type: ignore[misc]
+        if self.end_step is not None and self.last_update_step < self.end_step:
+            rank_zero_warn(
+                f"Training stopped at step {trainer.global_step}, before `end` (step {self.end_step}): the sparsity "
+                f"is {self.current_target:.4f}, not the target {self.sparsity}."
+            )
+
+
 @register("gradual_magnitude")
-class GradualMagnitudePruning(SparsityCallback):
+class GradualMagnitudePruning(GradualSchedule, SparsityCallback):
     """Gradual magnitude pruning: Zhu & Gupta 2017, "To prune, or not to prune" (arXiv:1710.01878).
 
     Every ``every`` optimizer steps from ``start`` to ``end`` the weights of smallest magnitude are masked so that
@@ -69,18 +136,7 @@ class GradualMagnitudePruning(SparsityCallback):
         log_sparsity: bool = True,
     ) -> None:
         super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
-        self.sparsity = check_fraction("sparsity", sparsity)
-        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
-        if self.initial_sparsity > self.sparsity:
-            raise ConfigError(
-                f"`initial_sparsity` ({initial_sparsity}) must not exceed `sparsity` ({sparsity}): pruned weights "
-                "never return."
-            )
-        self.start_spec = parse_time(start, "start")
-        self.end_spec = parse_time(end, "end")
-        self.every_spec = parse_time(every, "every", allow_zero=False)
-        check_window(self.start_spec, self.end_spec, self.every_spec)
-        self.curve = check_curve(curve)
+        self.init_schedule(sparsity, initial_sparsity, start, end, every, curve)
         self.distribution = check_distribution(distribution)
         self.pattern = parse_pattern(pattern)
         if self.sparsity > self.pattern.max_sparsity + 1e-12:
@@ -92,22 +148,7 @@ class GradualMagnitudePruning(SparsityCallback):
             raise ConfigTypeError(f"`overrides` must map parameter-name patterns to sparsities, got {overrides!r}.")
         self.overrides = {str(k): check_fraction(f"overrides[{k!r}]", v) for k, v in (overrides or {}).items()}
         self.min_density = check_fraction("min_density", min_density)
-        self.start_step = self.end_step = self.every_steps = None
         self._layer_overrides: dict[str, float] = {}
-
-    @property
-    def current_target(self) -> float | None:
-        if self.start_step is None or self.last_update_step < 0:
-            return 0.0
-        return self.target_at(self.last_update_step)
-
-    def target_at(self, step: int) -> float:
-        assert self.start_step is not None and self.end_step is not None
-        return sparsity_at(step, self.start_step, self.end_step, self.initial_sparsity, self.sparsity, self.curve)
-
-    @property
-    def window(self) -> tuple[TimeSpec, TimeSpec]:
-        return self.start_spec, self.end_spec
 
     def validate(self, params: Mapping[str, Tensor]) -> None:
         check_pattern_fits(self.pattern, params)
@@ -130,20 +171,6 @@ class GradualMagnitudePruning(SparsityCallback):
                     f"`overrides` keep more weights than `sparsity` {self.sparsity} allows over the selected layers."
                 )
 
-    def resolve_schedule(self, timeline: Timeline) -> None:
-        self.start_step, self.end_step, self.every_steps = timeline.window(
-            self.start_spec, self.end_spec, self.every_spec
-        )
-
-    def events(self) -> list[Event]:
-        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
-        steps = [*range(self.start_step, self.end_step, self.every_steps), self.end_step]
-        return [Event(step, "prune", self.target_at(step)) for step in dict.fromkeys(steps)]
-
-    def is_update_step(self, step: int) -> bool:
-        assert self.start_step is not None and self.end_step is not None and self.every_steps is not None
-        return is_event(step, self.start_step, self.end_step, self.every_steps)
-
     def compute_masks(self, step: int, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         scores = {
             n: params[n].detach().abs().float().masked_fill(~self.mask_set.mask_for(n, params[n]), -math.inf)
@@ -161,14 +188,6 @@ class GradualMagnitudePruning(SparsityCallback):
         }
         pruned = pruned_units(scores, self.pattern, sparsity, self.distribution, fixed, self.min_density)
         return {n: self.pattern.keep_mask(scores[n], pruned[n]) for n in self.names}
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
-        if self.end_step is not None and self.last_update_step < self.end_step:
-            rank_zero_warn(
-                f"Training stopped at step {trainer.global_step}, before `end` (step {self.end_step}): the sparsity "
-                f"is {self.current_target:.4f}, not the target {self.sparsity}."
-            )
 
 
 @register("constant_mask")

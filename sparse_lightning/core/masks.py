@@ -72,6 +72,13 @@ class MaskSet:
         self.version += 1
         return newly_pruned
 
+    def replace(self, name: str, param: Tensor, mask: Tensor) -> None:
+        """Install ``mask`` for ``name`` whatever its old shape (``param`` was replaced by a resized one)."""
+        self._check(name, param, mask)
+        self._masks[name] = mask.to(device=param.device, dtype=torch.bool).clone()
+        param.__dict__[_REF_ATTR] = (self, name)
+        self.version += 1
+
     def mask_for(self, name: str, param: Tensor) -> Tensor:
         mask = self._masks[name]
         if mask.device != param.device:
@@ -184,6 +191,14 @@ def check_ranks_agree(fingerprints: Mapping[str, Tensor], what: str, owner: str)
             "the same weights and averaged gradients; something made them diverge (a rank-dependent random number, "
             "a callback or hook that runs on one rank only, unsynchronized buffers)."
         )
+
+
+def strip_masks(module: nn.Module) -> None:
+    """Detach ``module`` (a copy that should stand alone) from every mask set: it keeps its weights, zeros included."""
+    for sub in module.modules():
+        sub.__dict__.pop(_SET_ATTR, None)
+    for param in module.parameters():
+        param.__dict__.pop(_REF_ATTR, None)
 
 
 def masks_of(module: nn.Module) -> dict[str, Tensor]:

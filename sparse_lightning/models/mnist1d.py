@@ -6,6 +6,7 @@ The CNN: three 1-D convolutions (kernel 5/3/3, stride 2, padding 1, ReLU) and a 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from sparse_lightning.core.errors import ConfigError
@@ -60,6 +61,7 @@ class MNIST1DCNN(LitClassifier):
             raise ConfigError(f"`channels` must be a positive int, got {channels!r}.")
         super().__init__(ConvNet1D(channels), 10, lr, weight_decay, optimizer, momentum, lr_schedule)
         self.save_hyperparameters()
+        self.example_input_array = torch.zeros(1, 40)
 
 
 class MNIST1DMLP(LitClassifier):
@@ -78,3 +80,4 @@ class MNIST1DMLP(LitClassifier):
             raise ConfigError(f"`hidden` must be a positive int, got {hidden!r}.")
         super().__init__(MLP1D(hidden), 10, lr, weight_decay, optimizer, momentum, lr_schedule)
         self.save_hyperparameters()
+        self.example_input_array = torch.zeros(1, 40)
