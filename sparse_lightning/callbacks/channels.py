@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import SparsityCallback
+from sparse_lightning.callbacks.base import SparsityCallback, check_strategy
 from sparse_lightning.callbacks.gradual import GradualSchedule
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_int
@@ -136,6 +136,8 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         self._inputs: Any = None
         self._cost: ChannelCost | None = None
         self._traced: nn.Module | None = None
+        self.compacted_positions: dict[str, dict[int, Tensor]] = {}
+        """Per parameter the last compaction during fit resized, per dimension, the positions that survived."""
         self.add_state("keeps", {})
         self.add_state("taylor_sum", {})
         self.add_state("taylor_steps", 0)
@@ -235,6 +237,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer, type(self).__name__)
         if self.compact_during_fit and (trainer.world_size > 1 or is_distributed()):
             raise ConfigError(
                 "ChannelPruning(compact_during_fit=True) needs a single device: under DDP every rank's module would "
@@ -309,7 +312,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
 
     def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         old = dict(pl_module.named_parameters())
-        positions = compact_in_place(pl_module, self._inputs, self.groups, self.keeps)
+        positions = self.compacted_positions = compact_in_place(pl_module, self._inputs, self.groups, self.keeps)
         new = dict(pl_module.named_parameters())
         for optimizer in trainer.optimizers:
             carry_optimizer_state(optimizer, old, new, positions)
@@ -341,6 +344,9 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         if keeps:
             for g in self.groups:
                 keeps.setdefault(g.name, torch.ones(g.channels, dtype=torch.bool))
+            for name, mask in channel_masks(self.groups, keeps, {n: p.shape for n, p in params.items()}).items():
+                self.mask_set.update(name, mask)
+            self.mask_set.apply_to_weights(params, self.names)
             compact_in_place(module, self._inputs, self.groups, keeps)
             self._retrace(module)  # type: ignore[arg-type]
 

@@ -177,18 +177,20 @@ def masked_copy(module: nn.Module) -> nn.Module:
 
 
 def check_compactable(module: nn.Module, example_inputs: Any, groups: list[ChannelGroup]) -> None:
-    """Drop the first channel of every group on a masked copy and compact another copy: a ``ValueError`` names each
-    group whose compaction would change the outputs (run before training, so a bad group is known at once)."""
-    reference = masked_copy(module)
-    keeps = {g.name: torch.arange(g.channels) > 0 for g in groups}
-    masks = channel_masks(groups, keeps, {n: p.shape for n, p in reference.named_parameters()})
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name in masks:
-                param.mul_(masks[name].to(param.device))
-    trial = copy.deepcopy(reference)
-    _apply(trial, groups, keeps, example_inputs)
-    _check_outputs(reference, trial, example_inputs, groups, keeps)
+    """Drop the first channel of every group on a masked copy and compact another copy, then the same with the last
+    channel (an operation that slices channels breaks on one of the two): a ``ValueError`` names each group whose
+    compaction would change the outputs. Run before training, so a bad group is known at once."""
+    for probe in (lambda g: torch.arange(g.channels) > 0, lambda g: torch.arange(g.channels) < g.channels - 1):
+        reference = masked_copy(module)
+        keeps = {g.name: probe(g) for g in groups}
+        masks = channel_masks(groups, keeps, {n: p.shape for n, p in reference.named_parameters()})
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                if name in masks:
+                    param.mul_(masks[name].to(param.device))
+        trial = copy.deepcopy(reference)
+        _apply(trial, groups, keeps, example_inputs)
+        _check_outputs(reference, trial, example_inputs, groups, keeps)
 
 
 def compact(module: nn.Module, example_inputs: Any) -> tuple[nn.Module, dict[str, Any]]:

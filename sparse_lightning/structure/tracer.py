@@ -158,7 +158,8 @@ def trace_groups(module: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
             channels = len(tp_group[0].idxs)
             unique = list({(m.param, m.dim): m for m in members}.values())
             groups.append(ChannelGroup(names[root], channels, unique, "; ".join(dict.fromkeys(reasons)) or None))
-    return groups
+    order = {name: i for i, name in enumerate(names.values())}
+    return sorted(groups, key=lambda g: order[g.name])
 
 
 def remove_channels(module: nn.Module, example_inputs: Any, removed: Mapping[str, Sequence[int]]) -> None:
