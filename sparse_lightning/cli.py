@@ -5,6 +5,7 @@
     sparse-lightning recipes list | show NAME | validate FILE [--model CLASS_PATH]
     sparse-lightning recipes import-sparseml SPARSEML.yaml [-o OUT.yaml] [--prefix net.]
     sparse-lightning bench --recipes A.yaml B.yaml --seeds 3   # beside dense and ModelPruning baselines
+    sparse-lightning export CKPT [--compact] -o OUT [--model CLASS_PATH] [--input-shape 1,40]
 
 ``fit``/``validate``/``test`` run on ``LightningCLI``, so every Trainer, model and data flag works; the recipe gives
 the callbacks and the default model, data and Trainer settings, which flags override. The run logs to Weights &
@@ -407,6 +408,43 @@ def bench_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def export_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparse-lightning export",
+        description="Write a checkpoint's model with its masks applied (and, with --compact, masked channels removed) "
+        "as a torch.export program (.pt2), or a pickled module when it does not export, plus a JSON report.",
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("-o", "--output", required=True, help="output path; the suffix becomes .pt2 (or .pt)")
+    parser.add_argument("--compact", action="store_true", help="remove masked channels physically")
+    parser.add_argument("--model", help="class path of the LightningModule (default: from config.yaml of the run)")
+    parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: example_input_array)")
+    args = parser.parse_args(argv)
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape must be comma-separated ints, got {args.input_shape!r}.") from None
+    from sparse_lightning.export import export_model
+
+    try:
+        report = export_model(args.checkpoint, args.output, args.model, args.compact, shape)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(_one_line(str(err))) from None
+    if report["format"] != "torch.export":
+        print(f"torch.export failed ({report['export_error']}); wrote a pickled module instead.", file=sys.stderr)
+    print(
+        f"wrote {report['file']} ({report['format']}) and {report['report']}: parameters "
+        f"{report['params_before']:,} -> {report['params_after']:,}, FLOPs {report['flops_before']:,} -> "
+        f"{report['flops_after']:,}"
+        + (f", max |masked - compacted| {report['max_abs_diff']:.2e}" if args.compact else "")
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from sparse_lightning import __version__
 
@@ -415,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "usage: sparse-lightning {fit,validate,test} --recipe FILE [--var NAME=VALUE] [LightningCLI flags]\n"
         "       sparse-lightning recipes {list,show,validate,import-sparseml} ...\n"
         "       sparse-lightning bench --recipes FILE [FILE ...] [--seeds 3] [--epochs N]\n"
+        "       sparse-lightning export CKPT [--compact] -o OUT [--model CLASS_PATH] [--input-shape 1,40]\n"
         "       sparse-lightning --version"
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -430,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return recipes_command(argv[1:])
         if argv[0] == "bench":
             return bench_command(argv[1:])
+        if argv[0] == "export":
+            return export_command(argv[1:])
     except ConfigError as err:
         return _fail(str(err))
     return _fail(f"unknown command {argv[0]!r}.\n{usage}")

@@ -17,6 +17,7 @@ from helpers import TinyNet, tiny_loader  # noqa: E402
 
 from sparse_lightning import (  # noqa: E402
     SET,
+    ChannelPruning,
     GaP,
     GradualMagnitudePruning,
     MFACPreconditioner,
@@ -71,6 +72,9 @@ def main(out: Path) -> None:
         pruning = DivergentMasks(sparsity=0.9, start=1, end=10, every=3)
     elif variant == "diverge_weights":
         pruning = DivergentWeights(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64)
+    elif variant == "channels":
+        model.example_input_array = torch.zeros(2, 16)
+        pruning = ChannelPruning(sparsity=0.5, criterion="taylor", start=1, end=10, every=3)
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

@@ -6,7 +6,14 @@ import torch
 from helpers import QUIET, TinyNet, tiny_loader
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
 
-from sparse_lightning import ConstantMask, GradualMagnitudePruning, MFACPreconditioner, SparsityMonitor, masks_of
+from sparse_lightning import (
+    ChannelPruning,
+    ConstantMask,
+    GradualMagnitudePruning,
+    MFACPreconditioner,
+    SparsityMonitor,
+    masks_of,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +87,7 @@ def test_bad_input_fails_before_the_first_step_and_installs_nothing(kwargs, mess
 @pytest.mark.parametrize(
     "strategy", [DeepSpeedStrategy, XLAStrategy, FSDPStrategy, ModelParallelStrategy], ids=lambda c: c.__name__
 )
-@pytest.mark.parametrize("callback", [ConstantMask, MFACPreconditioner], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("callback", [ConstantMask, MFACPreconditioner, ChannelPruning], ids=lambda c: c.__name__)
 def test_unserved_strategies_are_refused_by_name_at_setup(strategy, callback):
     """Lightning's own classes: DeepSpeed and XLA subclass DDPStrategy and must still be refused.
 

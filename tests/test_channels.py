@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -14,7 +16,9 @@ from test_gradual import ResumeProbe, StopAfter
 from torch import nn
 
 from sparse_lightning import ChannelPruning, compact, masks_of
+from sparse_lightning.cli import main
 from sparse_lightning.core.masks import MaskSet
+from sparse_lightning.export import load_masked
 from sparse_lightning.models.mnist1d import MNIST1DCNN
 from sparse_lightning.structure import channel_keeps, channel_masks, count_flops, trace_groups
 from sparse_lightning.structure.selection import magnitude_scores, taylor_scores
@@ -65,6 +69,8 @@ def randomized(module: nn.Module) -> nn.Module:
             m.bias.data.normal_()
     return module
 
+
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32), 13),
@@ -430,3 +436,60 @@ def _lit(net: nn.Module, example: torch.Tensor) -> pl.LightningModule:
             return self.body(x)
 
     return Lit()
+
+
+def test_export_compact_from_the_command_writes_a_program_that_matches_the_masked_model(tmp_path, monkeypatch, capsys):
+    """The recipe trains with channel masks through the command; `export --compact` writes a smaller program."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--var", "epochs=1", "--trainer.limit_train_batches=12", "--trainer.logger=false"]
+    recipe = RECIPES / "channel-taylor-50flops.yaml"
+    assert main(["fit", "--recipe", str(recipe), *flags, "--model.init_args.channels=16"]) == 0
+    (ckpt,) = tmp_path.glob("checkpoints/*.ckpt")
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "--compact", "-o", str(tmp_path / "out" / "small")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "small.json").read_text())
+    assert report["format"] == "torch.export" and report["max_abs_diff"] < 1e-5
+    assert 0.5 <= 1 - report["flops_after"] / report["flops_before"] <= 0.55
+    program = torch.export.load(tmp_path / "out" / "small.pt2").module()
+    masked = load_masked(ckpt).eval()
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        assert (program(x) - masked(x)).abs().max() < 1e-5
+
+
+class DataDependent(MNIST1DCNN):
+    """A model torch.export refuses (control flow on a value)."""
+
+    def forward(self, x):
+        return super().forward(x) if x.sum() > 0 else -super().forward(x)
+
+
+def test_export_falls_back_to_a_pickled_module_and_says_why(tmp_path, capsys):
+    model = DataDependent(8)
+    trainer = pl.Trainer(max_steps=1, **QUIET)
+    trainer.fit(model, _mnist1d_like_loader())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    assert (
+        main(["export", str(tmp_path / "m.ckpt"), "-o", str(tmp_path / "m"), "--model", f"{__name__}.DataDependent"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "torch.export failed" in err and "wrote a pickled module instead" in err
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["format"] == "pickle" and report["export_error"]
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert isinstance(loaded, DataDependent)
+
+
+def test_export_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing.ckpt"), "-o", str(tmp_path / "x")]) == 2
+    assert "missing.ckpt: no such checkpoint" in capsys.readouterr().err
+    model = TinyNet()
+    trainer = pl.Trainer(max_steps=1, **QUIET)
+    trainer.fit(model, tiny_loader())
+    trainer.save_checkpoint(tmp_path / "t.ckpt")
+    assert main(["export", str(tmp_path / "t.ckpt"), "-o", str(tmp_path / "t"), "--model", "helpers.TinyNet"]) == 2
+    assert "no `example_input_array`; pass --input-shape" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "t.ckpt"), "-o", str(tmp_path / "t")]) == 2
+    assert "pass --model CLASS_PATH" in capsys.readouterr().err

@@ -62,3 +62,23 @@ def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, va
     )
     assert result.returncode != 0
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
+
+
+def test_ddp_ranks_hold_identical_channel_masks(tmp_path):
+    """ChannelPruning with Taylor scores (read from the averaged gradients) on two ranks."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "channels"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for (step_a, fp_a), (step_b, fp_b) in zip(ranks[0]["history"], ranks[1]["history"], strict=True):
+        assert step_a == step_b and torch.equal(fp_a, fp_b), f"masks differ after step {step_a}"
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    keeps = ranks[0]["callback_state"]["keeps"]
+    assert all(torch.equal(k, ranks[1]["callback_state"]["keeps"][n]) for n, k in keeps.items())
+    assert 0 < sum(int(k.sum()) for k in keeps.values()) < 40
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+        assert not ranks[0]["weights"][name][~mask].any(), name

@@ -18,7 +18,13 @@ from sparse_lightning.core.masks import is_distributed
 from sparse_lightning.core.plan import MethodPlan, Timeline
 from sparse_lightning.core.schedules import TimeValue
 from sparse_lightning.core.targets import match_name
-from sparse_lightning.structure.compact import check_compactable, compact_in_place, layer_flops, slice_like
+from sparse_lightning.structure.compact import (
+    check_compactable,
+    compact_in_place,
+    compact_to_shapes,
+    layer_flops,
+    slice_like,
+)
 from sparse_lightning.structure.groups import ChannelCost, ChannelGroup, channel_masks, keep_counts
 from sparse_lightning.structure.selection import (
     CRITERIA,
@@ -328,26 +334,9 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
             self.mask_set.add(name, params[name])
 
     def _match_shapes(self, module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *args: Any) -> None:
-        """Before a checkpoint's weights load: compact the module to the checkpoint's channel counts (which channels
-        does not matter, the weights are overwritten next)."""
-        params = dict(module.named_parameters())
-        keeps = {}
-        for g in self.groups:
-            producer = g.role("producer")[0]
-            saved = state_dict.get(prefix + producer.param)
-            if saved is None or saved.shape == params[producer.param].shape:
-                continue
-            kept = saved.shape[producer.dim]
-            keep = torch.zeros(g.channels, dtype=torch.bool)
-            keep[:kept] = True
-            keeps[g.name] = keep
-        if keeps:
-            for g in self.groups:
-                keeps.setdefault(g.name, torch.ones(g.channels, dtype=torch.bool))
-            for name, mask in channel_masks(self.groups, keeps, {n: p.shape for n, p in params.items()}).items():
-                self.mask_set.update(name, mask)
-            self.mask_set.apply_to_weights(params, self.names)
-            compact_in_place(module, self._inputs, self.groups, keeps)
+        """Before a checkpoint's weights load: compact the module to the checkpoint's channel counts."""
+        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if compact_to_shapes(module, self._inputs, state, self.groups):
             self._retrace(module)  # type: ignore[arg-type]
 
 

@@ -254,3 +254,37 @@ def compact_in_place(
         else:
             mask_set.add(name, params[name])
     return positions
+
+
+def compact_to_shapes(
+    module: nn.Module, example_inputs: Any, state_dict: Mapping[str, Tensor], groups: list[ChannelGroup] | None = None
+) -> bool:
+    """Compact ``module`` in place to the channel counts of ``state_dict`` (a checkpoint of a model compacted during
+    training), so that it loads; which channels go does not matter, the loaded weights replace them. Returns
+    whether anything changed."""
+    module = unwrap(module)
+    params = dict(module.named_parameters())
+    if groups is None:
+        groups = [g for g in trace_groups(module, example_inputs) if g.unsupported is None]
+    keeps = {}
+    for g in groups:
+        producer = next((m for m in g.members if m.role == "producer"), None)
+        saved = state_dict.get(producer.param) if producer is not None else None
+        if saved is None or saved.shape == params[producer.param].shape:
+            continue
+        keep = torch.zeros(g.channels, dtype=torch.bool)
+        keep[: saved.shape[producer.dim]] = True
+        keeps[g.name] = keep
+    if not keeps:
+        return False
+    for g in groups:
+        keeps.setdefault(g.name, torch.ones(g.channels, dtype=torch.bool))
+    mask_set = MaskSet.of(module)
+    for name, mask in channel_masks(groups, keeps, {n: p.shape for n, p in params.items()}).items():
+        if name in mask_set:
+            mask_set.update(name, mask)
+        else:
+            mask_set.add(name, params[name], mask)
+    mask_set.apply_to_weights(params, list(channel_masks(groups, keeps, {n: p.shape for n, p in params.items()})))
+    compact_in_place(module, example_inputs, groups, keeps)
+    return True
