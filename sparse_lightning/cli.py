@@ -195,6 +195,7 @@ def print_fit_summary(trainer: Any, datamodule: Any, loaded: Any) -> None:
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
+    from sparse_lightning.callbacks.channels import ChannelPruning
     from sparse_lightning.callbacks.monitor import weight_sparsities
     from sparse_lightning.core.masks import masks_of
 
@@ -220,6 +221,14 @@ def print_fit_summary(trainer: Any, datamodule: Any, loaded: Any) -> None:
     lines.append(f"   {'sparsity (masked)':<22s} {global_sparsity:.4f} over {len(masks)} parameter(s)")
     for name, value in per_layer.items():
         lines.append(f"     {name:<38s} {tuple(params[name].shape)!s:>16s}  {value:.4f}")
+    for callback in trainer.callbacks:
+        if isinstance(callback, ChannelPruning) and callback.groups:
+            kept = ", ".join(f"{g.name} {int(callback.keeps[g.name].sum())}/{g.channels}" for g in callback.groups)
+            lines.append(
+                f"   {callback.cost + ' removed':<22s} {callback.removed_fraction:.4f} (channels kept: {kept})"
+            )
+            if not callback.compact_during_fit:
+                lines.append(f"   {'':<22s} remove them: sparse-lightning export CKPT --compact -o OUT")
     size = f"{nonzero_bytes / 2**10:,.1f} KiB"
     lines.append(f"   {'non-zero parameters':<22s} {nonzero:,} of {total:,} ({size} of non-zero values)")
     checkpoint = trainer.checkpoint_callback

@@ -276,7 +276,8 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if self.criterion == "taylor" and step != self.last_update_step and self._gradients_finite():
+        pending = self.end_step is not None and step <= self.end_step
+        if self.criterion == "taylor" and pending and step != self.last_update_step and self._gradients_finite():
             params = self.params()
             for g in self.groups:
                 score = taylor_scores(g, params)

@@ -1,0 +1,218 @@
+"""Accuracy at equal FLOPs on MNIST-1D: ChannelPruning (l1, taylor), Lightning's ModelPruning (ln_structured),
+Torch-Pruning's own iterative pruner, and dense.
+
+    python benchmarks/channel_accuracy.py [--seeds 3] [--workers 2] [--epochs 100]
+
+The wide MNIST-1D CNN (128 channels), Adam 1e-2, batch 100, final test accuracy on the 1000 test samples. Every
+pruning method works over the same window (epochs 10% to 60% of training):
+
+- ``ChannelPruning``: ``cost="flops"``, global ranking, cubic curve, an event every 40 optimizer steps; masks during
+  training, then ``sparse_lightning.compact`` (the compacted model's accuracy is measured too and must equal it).
+- ``ModelPruning("ln_structured", pruning_norm=1, pruning_dim=0)`` on the three convolutions at epoch ends, the same
+  whole number of channels per layer that gives the FLOPs target if those channels were removed, added by a cubic
+  curve. It masks only the filters (their biases still pass through ReLU), so it has no compact equivalent.
+- Torch-Pruning's ``MetaPruner`` with ``GroupMagnitudeImportance(p=1)`` (its L1 group norm), the same per-layer
+  channel ratio, ``iterative_steps`` equal to ChannelPruning's number of events, each step at one of those events; it
+  removes channels in place, so the optimizer is rebuilt after every step (what its users do; Adam's state restarts).
+
+Each run uses 1 torch thread; ``--workers`` runs go in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+LEVELS = (0.5, 0.7)
+
+
+def uniform_channels(level: float, channels: int = 128) -> int:
+    """Channels removed from each convolution so that removing them takes away at least ``level`` of the FLOPs."""
+    import torch
+
+    from sparse_lightning.models.mnist1d import ConvNet1D
+    from sparse_lightning.structure import ChannelCost, layer_flops, trace_groups
+
+    net = ConvNet1D(channels)
+    x = torch.zeros(1, 40)
+    groups = [g for g in trace_groups(net, x) if g.unsupported is None]
+    total, weights = layer_flops(net, x)
+    shapes = {n: p.shape for n, p in net.named_parameters()}
+    for k in range(1, channels):
+        cost = ChannelCost(groups, shapes, weights, float(total), "flops")
+        for g in groups:
+            cost.drop(g.name, torch.arange(k))
+        if cost.removed_fraction() >= level:
+            return k
+    raise ValueError(level)
+
+
+def run(config: dict) -> dict:
+    import lightning.pytorch as pl
+    import torch
+    from _report import QUIET_TRAINER
+
+    from sparse_lightning import ChannelPruning, compact
+    from sparse_lightning.core.schedules import sparsity_at
+    from sparse_lightning.data import MNIST1DDataModule
+    from sparse_lightning.models import MNIST1DCNN
+    from sparse_lightning.structure import count_flops
+
+    torch.set_num_threads(1)
+    pl.seed_everything(config["seed"], verbose=False)
+    model = MNIST1DCNN(channels=128)
+    epochs, level, method = config["epochs"], config["level"], config["method"]
+    start_ep, end_ep = round(0.1 * epochs), round(0.6 * epochs)
+    data = MNIST1DDataModule()
+    data.setup("fit")
+    steps_per_epoch = math.ceil(len(data.train_dataloader()))
+    event_steps = list(range(start_ep * steps_per_epoch, end_ep * steps_per_epoch, 40)) + [end_ep * steps_per_epoch]
+    callbacks: list = []
+    if method in ("l1", "taylor"):
+        callbacks.append(
+            ChannelPruning(
+                level,
+                cost="flops",
+                criterion=method,
+                start=f"{start_ep}ep",
+                end=f"{end_ep}ep",
+                every=40,
+                log_sparsity=False,
+            )
+        )
+    elif method == "modelpruning":
+        from lightning.pytorch.callbacks import ModelPruning
+
+        k = uniform_channels(level)
+        convs = [(m, "weight") for m in (model.net.conv1, model.net.conv2, model.net.conv3)]
+
+        def count(epoch: int) -> int:
+            return round(sparsity_at(epoch, start_ep, end_ep, 0.0, k / 128, "cubic") * 128)
+
+        def amount(epoch: int) -> int:
+            return max(0, count(epoch + 1) - count(epoch)) if start_ep <= epoch + 1 <= end_ep else 0
+
+        callbacks.append(
+            ModelPruning(
+                "ln_structured",
+                parameters_to_prune=convs,
+                amount=amount,
+                pruning_norm=1,
+                pruning_dim=0,
+                make_pruning_permanent=True,
+                verbose=0,
+            )
+        )
+    elif method == "torch-pruning":
+        import torch_pruning as tp
+
+        ratio = uniform_channels(level) / 128
+        pruner = tp.pruner.MetaPruner(
+            model.net,
+            torch.zeros(1, 40),
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            iterative_steps=len(event_steps),
+            ignored_layers=[model.net.linear],
+        )
+
+        class TorchPruningSteps(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step in event_steps:
+                    pruner.step()
+                    trainer.strategy.setup_optimizers(trainer)  # the old optimizer holds the removed tensors
+
+        callbacks.append(TorchPruningSteps())
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, **QUIET_TRAINER)
+    trainer.fit(model, data)
+    x = torch.zeros(1, 40)
+    if method in ("l1", "taylor"):
+        small, report = compact(model, x)
+        flops_ratio = report["flops_after"] / report["flops_before"]
+    else:
+        small = model
+        dense_flops = count_flops(MNIST1DCNN(channels=128), x)[0]
+        flops_ratio = count_flops(model, x)[0] / dense_flops if method != "modelpruning" else float("nan")
+    data.setup("test")
+    accuracy = evaluate(model, data.test_dataloader())
+    compact_accuracy = evaluate(small, data.test_dataloader())
+    return {**config, "acc": accuracy, "compact_acc": compact_accuracy, "flops_ratio": flops_ratio}
+
+
+def evaluate(model, loader) -> float:
+    import torch
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=100)
+    args = parser.parse_args()
+    configs = [{"method": "dense", "level": 0.0, "seed": s, "epochs": args.epochs} for s in range(args.seeds)]
+    configs += [
+        {"method": m, "level": level, "seed": s, "epochs": args.epochs}
+        for level in LEVELS
+        for m in ("l1", "taylor", "modelpruning", "torch-pruning")
+        for s in range(args.seeds)
+    ]
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = list(pool.map(run, configs))
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "channel_accuracy.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    write_doc(results, args)
+
+
+def write_doc(results: list[dict], args: argparse.Namespace) -> None:
+    from _report import mean_spread, table
+
+    names = {
+        "dense": "dense",
+        "l1": "ChannelPruning l1",
+        "taylor": "ChannelPruning taylor",
+        "modelpruning": "ModelPruning ln_structured (masks only)",
+        "torch-pruning": "Torch-Pruning MetaPruner (L1 group)",
+    }
+    rows = []
+    for level in (0.0, *LEVELS):
+        for method, label in names.items():
+            runs = [r for r in results if r["method"] == method and r["level"] == level]
+            if not runs:
+                continue
+            ratios = [r["flops_ratio"] for r in runs if not math.isnan(r["flops_ratio"])]
+            same = all(r["acc"] == r["compact_acc"] for r in runs)
+            rows.append(
+                [
+                    f"{level:.0%}",
+                    label,
+                    mean_spread([r["acc"] for r in runs]),
+                    f"{statistics.mean(ratios):.3f}" if ratios else "- (not compactable)",
+                    ("yes" if same else "NO") if method in ("l1", "taylor") else "-",
+                ]
+            )
+    text = table(["FLOPs removed", "method", "test acc % (mean ± sd)", "FLOPs ratio", "compacted acc = masked"], rows)
+    from _report import write_section
+
+    command = f"python benchmarks/channel_accuracy.py --seeds {args.seeds} --epochs {args.epochs}"
+    write_section("channel-accuracy", f"Command: `{command}` ({args.seeds} seeds, 1 thread each).\n\n{text}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
