@@ -5,10 +5,11 @@
 For each model, input and level (30/50/70% of the channels of every prunable group removed, L1 criterion, uniform
 ranking, so each layer shrinks alike as in Torch-Pruning's per-layer ``pruning_ratio``), the masks are installed,
 ``sparse_lightning.compact`` removes the channels, and the dense and the compacted model are timed in eval mode
-(forward, no grad) and in train mode (forward + backward), one after the other in each round, the order alternating;
-a round times each model over a fixed number of iterations after one warm-up call. Reported: the FLOPs ratio
-(compacted / dense, ``torch.utils.flop_counter``), the speed-up (median over rounds of dense time / compacted time)
-and the efficiency, speed-up x FLOPs ratio (1.0: time falls exactly as FLOPs do).
+(forward, no grad) and in train mode (forward + backward; at batch 1 with normalization in eval mode), one after the
+other in each round, the order alternating; a round times each model over a fixed number of iterations after one warm-up
+call. Reported: the FLOPs ratio (compacted / dense, ``torch.utils.flop_counter``), the speed-up (median over rounds of
+dense time / compacted time) and the efficiency, speed-up x FLOPs ratio (1.0: time falls exactly as FLOPs do). The
+same model pruned by Torch-Pruning alone (its ``MetaPruner``, same per-layer ratio) is timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from _report import table, write_section
 from sparse_lightning import compact
 from sparse_lightning.core.masks import MaskSet
 from sparse_lightning.models.mnist1d import ConvNet1D
-from sparse_lightning.structure import ChannelCost, channel_masks, trace_groups
+from sparse_lightning.structure import ChannelCost, channel_masks, count_flops, trace_groups
 from sparse_lightning.structure.selection import magnitude_scores, select_channels
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,7 +62,7 @@ def pruned(make, shape: tuple[int, ...], level: float) -> tuple[torch.nn.Module,
 
 
 def seconds(model: torch.nn.Module, x: torch.Tensor, backward: bool, iterations: int) -> float:
-    model.train(backward)
+    model.train(backward and x.shape[0] > 1)  # batch 1 backward with BN in eval mode (train mode needs 2+ values)
     for p in model.parameters():
         p.requires_grad_(backward)
 
@@ -79,13 +80,34 @@ def seconds(model: torch.nn.Module, x: torch.Tensor, backward: bool, iterations:
     return (time.perf_counter() - start) / iterations
 
 
-def measure(dense, small, x, backward: bool, rounds: int, iterations: int) -> float:
-    ratios = []
+def torch_pruning_alone(make, shape: tuple[int, ...], level: float) -> torch.nn.Module:
+    """The same model pruned by Torch-Pruning's own ``MetaPruner`` (L1 group importance, per-layer ratio ``level``,
+    the classifier left alone): the reference our compaction must not fall behind."""
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    model = make().eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(1, *shape),
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        pruning_ratio=level,
+        ignored_layers=[last],
+    )
+    pruner.step()
+    return model
+
+
+def measure(models: list, x, backward: bool, rounds: int, iterations: int) -> list[float]:
+    """Per model after the first (dense), the median over rounds of dense time / its time; the order rotates."""
+    ratios: list[list[float]] = [[] for _ in models[1:]]
     for r in range(rounds):
-        pair = (dense, small) if r % 2 == 0 else (small, dense)
-        times = {id(m): seconds(m, x, backward, iterations) for m in pair}
-        ratios.append(times[id(dense)] / times[id(small)])
-    return statistics.median(ratios)
+        order = models[r % len(models) :] + models[: r % len(models)]
+        times = {id(m): seconds(m, x, backward, iterations) for m in order}
+        for i, m in enumerate(models[1:]):
+            ratios[i].append(times[id(models[0])] / times[id(m)])
+    return [statistics.median(r) for r in ratios]
 
 
 def main() -> None:
@@ -101,12 +123,14 @@ def main() -> None:
         for level in LEVELS:
             dense, small, report = pruned(make, shape, level)
             flops_ratio = report["flops_after"] / report["flops_before"]
+            alone = torch_pruning_alone(make, shape, level)
+            alone_ratio = count_flops(alone, torch.randn(1, *shape))[0] / report["flops_before"]
             x = torch.randn(batch, *shape)
             budget = 0.25 if size != "224x224" else 0.8  # seconds of dense work per timing
             per_call = seconds(dense, x, False, 1)
             iterations = max(1, round(budget / max(per_call, 1e-6)))
-            forward = measure(dense, small, x, False, rounds, iterations)
-            train = measure(dense, small, x, True, rounds, max(1, iterations // 3))
+            forward, forward_alone = measure([dense, small, alone], x, False, rounds, iterations)
+            train, train_alone = measure([dense, small, alone], x, True, rounds, max(1, iterations // 3))
             rows.append(
                 [
                     name,
@@ -119,6 +143,8 @@ def main() -> None:
                     f"{forward * flops_ratio:.2f}",
                     f"{train:.2f}x",
                     f"{train * flops_ratio:.2f}",
+                    f"{alone_ratio:.3f}",
+                    f"{forward_alone * alone_ratio:.2f} / {train_alone * alone_ratio:.2f}",
                 ]
             )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
@@ -133,6 +159,8 @@ def main() -> None:
         "forward efficiency",
         "fwd+bwd speed-up",
         "fwd+bwd efficiency",
+        "Torch-Pruning alone: FLOPs ratio",
+        "its efficiency fwd / fwd+bwd",
     ]
     text = table(header, rows)
     RESULTS.mkdir(exist_ok=True)

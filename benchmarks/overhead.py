@@ -2,15 +2,16 @@
 
     python benchmarks/overhead.py [--rounds 5] [--steps 30] [--threads 1]
 
-Three variants train the same model from the same seed in one process, interleaved round by round (the order
-rotates each round): dense; ``GradualMagnitudePruning`` at 90% (pruning events at steps 0 and 1 only, then masks
-held); Lightning's ``ModelPruning`` at 90% (global L1, applied at the end of epoch 0). One epoch is ``--warmup``
-batches; only steps of later epochs are timed, from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
-backward, optimizer step and every hook). Models: the MNIST-1D paper's CNN (batch 100) and torchvision's ResNet-18
-on generated 32x32 images (batch 32 and 128): the masks cost a fixed amount per step (one pass over the masked
-gradients), so their share shrinks as the batch grows. Extra memory counts the bytes of every distinct tensor the
-module holds (parameters, buffers, tensors set as attributes, masks) against the dense model, over the bytes of the
-masked weights.
+Three variants train the same model from the same seed in one process, interleaved round by round (the order rotates
+each round): dense; ``GradualMagnitudePruning`` at 90% (pruning events at steps 0 and 1 only, then masks held);
+Lightning's ``ModelPruning`` at 90% (global L1, applied at the end of epoch 0); ``ChannelPruning`` removing 50% of the
+FLOPs as channel masks (events at steps 0 and 1, masks held, not compacted: the element-mask engine's cost). One epoch
+is ``--warmup`` batches; only steps of later epochs are timed, from ``on_train_batch_start`` to ``on_train_batch_end``
+(forward, backward, optimizer step and every hook). Models: the MNIST-1D paper's CNN (batch 100) and torchvision's
+ResNet-18 on generated 32x32 images (batch 32 and 128): the masks cost a fixed amount per step (one pass over the masked
+gradients), so their share shrinks as the batch grows. Extra memory counts the bytes of every distinct tensor the module
+holds (parameters, buffers, tensors set as attributes, masks) against the dense model, over the bytes of the masked
+weights.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparse_lightning import GradualMagnitudePruning, masks_of
+from sparse_lightning import ChannelPruning, GradualMagnitudePruning, masks_of
 from sparse_lightning.models import MNIST1DCNN, torchvision_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import QUIET_TRAINER, table, write_section  # noqa: E402
 
-VARIANTS = ("dense", "sparse-lightning", "ModelPruning")
+VARIANTS = ("dense", "sparse-lightning", "ModelPruning", "ChannelPruning")
 
 
 class StepTimer(pl.Callback):
@@ -52,6 +53,15 @@ class StepTimer(pl.Callback):
 
 
 class TimedGMP(GradualMagnitudePruning):
+    event_seconds: list[float] = []
+
+    def update_masks(self, trainer, pl_module, step) -> None:
+        t0 = time.perf_counter()
+        super().update_masks(trainer, pl_module, step)
+        self.event_seconds.append(time.perf_counter() - t0)
+
+
+class TimedChannelPruning(ChannelPruning):
     event_seconds: list[float] = []
 
     def update_masks(self, trainer, pl_module, step) -> None:
@@ -107,6 +117,8 @@ def run_variant(model_name: str, variant: str, steps: int, warmup: int) -> dict:
     callbacks: list[pl.Callback] = [timer]
     if variant == "sparse-lightning":
         callbacks.append(TimedGMP(sparsity=0.9, start=0, end=1, every=1, distribution="global"))
+    elif variant == "ChannelPruning":
+        callbacks.append(TimedChannelPruning(0.5, cost="flops", start=0, end=1, every=1))
     elif variant == "ModelPruning":
         callbacks.append(
             TimedModelPruning(
@@ -146,9 +158,10 @@ def main() -> None:
     for model_name in args.models:
         TimedGMP.event_seconds.clear()
         TimedModelPruning.event_seconds.clear()
+        TimedChannelPruning.event_seconds.clear()
         results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for r in range(args.rounds):
-            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
             for variant in order:
                 results[variant].append(run_variant(model_name, variant, args.steps, args.warmup))
             print(model_name, f"round {r + 1}/{args.rounds}", flush=True)
@@ -156,7 +169,11 @@ def main() -> None:
         for variant in VARIANTS:
             step = statistics.median(x["median_step"] for x in results[variant])
             extra = results[variant][0]["extra_bytes"] / results[variant][0]["masked_bytes"]
-            events = TimedGMP.event_seconds if variant == "sparse-lightning" else TimedModelPruning.event_seconds
+            events = {
+                "sparse-lightning": TimedGMP.event_seconds,
+                "ModelPruning": TimedModelPruning.event_seconds,
+                "ChannelPruning": TimedChannelPruning.event_seconds,
+            }.get(variant, [])
             event = f"{1000 * statistics.median(events):.1f}" if events and variant != "dense" else "-"
             rows.append([model_name, variant, f"{1000 * step:.2f}", f"{step / dense:.3f}", f"{extra:.3f}", event])
             print(rows[-1], flush=True)

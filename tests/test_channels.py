@@ -20,7 +20,7 @@ from sparse_lightning.cli import main
 from sparse_lightning.core.masks import MaskSet
 from sparse_lightning.export import load_masked
 from sparse_lightning.models.mnist1d import MNIST1DCNN
-from sparse_lightning.structure import channel_keeps, channel_masks, count_flops, trace_groups
+from sparse_lightning.structure import ChannelCost, channel_keeps, channel_masks, count_flops, layer_flops, trace_groups
 from sparse_lightning.structure.selection import magnitude_scores, taylor_scores
 
 
@@ -166,7 +166,9 @@ def test_models_that_compaction_would_break_are_refused_and_left_intact():
 
 def test_trace_restores_train_mode_and_refuses_parametrized_weights():
     model = ConcatNet().train()
-    trace_groups(model, torch.randn(1, 3, 8, 8))
+    with torch.no_grad():  # torch-pruning traces through autograd: the adapter enables grad for it
+        groups = trace_groups(model, torch.randn(1, 3, 8, 8))
+    assert len(groups) == 4
     assert all(m.training for m in model.modules())
     nn.utils.parametrize.register_parametrization(model.a, "weight", nn.Identity())
     with pytest.raises(ValueError, match="parametrized modules \\(a\\)"):
@@ -493,3 +495,17 @@ def test_export_bad_input_is_one_line(tmp_path, capsys):
     assert "no `example_input_array`; pass --input-shape" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "t.ckpt"), "-o", str(tmp_path / "t")]) == 2
     assert "pass --model CLASS_PATH" in capsys.readouterr().err
+
+
+def test_channel_cost_counts_flops_and_params_of_one_channel():
+    """conv2 of the MNIST-1D CNN: one output channel costs its filter row, its bias and conv3's input column."""
+    net = MNIST1DCNN(8).net
+    x = torch.zeros(1, 40)
+    groups = [g for g in trace_groups(net, x) if g.unsupported is None]
+    params = dict(net.named_parameters())
+    shapes = {n: p.shape for n, p in params.items()}
+    cost = ChannelCost(groups, shapes, {n: p.numel() for n, p in params.items()}, 0.0, "params")
+    assert cost.channel_cost("conv2") == 8 * 3 + 1 + 8 * 3
+    total, weights = layer_flops(net, x)
+    cost = ChannelCost(groups, shapes, weights, float(total), "flops")
+    assert cost.channel_cost("conv2") == pytest.approx((weights["conv2.weight"] + weights["conv3.weight"]) / 8)

@@ -10,6 +10,7 @@ makes the masked model compute exactly what the compacted one computes.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -148,6 +149,13 @@ class ChannelCost:
 
     def removed_fraction(self) -> float:
         return 1.0 - self.current() / self.dense if self.dense else 0.0
+
+    def channel_cost(self, group: str) -> float:
+        """What removing one more channel of ``group`` would remove now (every channel of a group has as many
+        positions on each member, so any one stands for all)."""
+        if not self.channels_kept[group]:
+            return 0.0
+        return copy.deepcopy(self).drop(group, torch.tensor([0]))
 
     def drop(self, group: str, channels: Tensor) -> float:
         """Mark ``channels`` (indices, not yet dropped) of ``group`` dropped; returns the cost they removed."""
