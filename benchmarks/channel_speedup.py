@@ -168,6 +168,7 @@ def main() -> None:
     command = "python benchmarks/channel_speedup.py" + (" --quick" if args.quick else f" --rounds {rounds}")
     write_section(
         "channel-speedup",
+        "## Channel pruning: speed-up of the compacted model\n\n"
         f"Command: `{command}` (1 torch thread, {rounds} interleaved rounds, median of per-round ratios).\n\n{text}",
     )
 

@@ -49,6 +49,18 @@ class SliceNet(nn.Module):
         return self.fc(self.c2(h[:, : h.shape[1] // 2]).mean((2, 3)))
 
 
+class ChannelMeanNet(nn.Module):
+    """Subtracts the mean over channels: masked zeros count in it, removed channels do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(x).relu()
+        return self.fc(self.c2(h - h.mean(1, keepdim=True)).mean((2, 3)))
+
+
 class NormNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -151,8 +163,9 @@ def test_channel_masks_round_trip_and_zero_every_member():
     assert not masks["bn_a.bias"][0] and not masks["a.bias"][3]
 
 
-def test_models_that_compaction_would_break_are_refused_and_left_intact():
-    model = _lit(SliceNet(), torch.randn(2, 3, 10, 10))
+@pytest.mark.parametrize("net", [SliceNet, ChannelMeanNet])
+def test_models_that_compaction_would_break_are_refused_and_left_intact(net):
+    model = _lit(net(), torch.randn(2, 3, 10, 10))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="channel group\\(s\\) body.c1 changes the model's outputs"):
         _fit_channel_pruning(model)

@@ -180,6 +180,10 @@ def remove_channels(module: nn.Module, example_inputs: Any, removed: Mapping[str
             if name not in layers:
                 raise TraceError(f"channel group {name!r} has no root layer in this module")
             root = layers[name]
-            pruner = graph.get_pruner_of_module(root)
-            group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs=idxs)
-            group.prune()
+            try:
+                pruner = graph.get_pruner_of_module(root)
+                graph.get_pruning_group(root, pruner.prune_out_channels, idxs=idxs).prune()
+            except Exception as err:
+                raise TraceError(
+                    f"torch-pruning could not remove channels of group {name!r}: {type(err).__name__}: {err}"
+                ) from err
