@@ -522,3 +522,13 @@ def test_channel_cost_counts_flops_and_params_of_one_channel():
     total, weights = layer_flops(net, x)
     cost = ChannelCost(groups, shapes, weights, float(total), "flops")
     assert cost.channel_cost("conv2") == pytest.approx((weights["conv2.weight"] + weights["conv3.weight"]) / 8)
+
+
+def test_only_the_adapter_imports_torch_pruning():
+    package = Path(__file__).parents[1] / "sparse_lightning"
+    importers = sorted(
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if any(line.strip().startswith(("import torch_pruning", "from torch_pruning")) for line in p.open())
+    )
+    assert importers == ["structure/tracer.py"]
