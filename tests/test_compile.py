@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import torch
 from helpers import QUIET, TinyNet, tiny_loader
 
-from sparse_lightning import GradualMagnitudePruning, masks_of
+from sparse_lightning import ChannelPruning, GradualMagnitudePruning, compact, masks_of
 
 
 def _train(compile_model: bool):
@@ -29,3 +29,36 @@ def test_compiled_training_matches_eager_without_recompiles():
         assert torch.all(dict(compiled.named_parameters())[name][~mask] == 0)
     for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _train_channels(compile_model: bool):
+    torch.manual_seed(0)
+    model = TinyNet("sgd", lr=0.05, momentum=0.9)
+    model.example_input_array = torch.zeros(2, 16)
+    pruning = ChannelPruning(0.5, start=2, end=14, every=3, log_sparsity=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], **QUIET)
+    trainer.fit(torch.compile(model) if compile_model else model, tiny_loader())
+    return model, pruning
+
+
+def test_channel_pruning_of_a_compiled_module_matches_eager_and_compacts_its_own_copy():
+    """``Trainer.fit`` compiles the LightningModule's ``forward`` in place; the tracer must see the modules, and a copy
+    must not keep calling the original's compiled forward (its outputs would then follow the original's weights)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    eager, eager_pruning = _train_channels(False)
+    compiled, pruning = _train_channels(True)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for name, keep in eager_pruning.keeps.items():
+        assert torch.equal(keep, pruning.keeps[name]), name
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    x = torch.randn(4, 16)
+    small, report = compact(compiled, x)
+    assert report["max_abs_diff"] < 1e-5 and report["params_after"] < report["params_before"]
+    before = small(x).detach().clone()
+    with torch.no_grad():
+        compiled.fc2.weight.add_(1.0)  # the original changes; the compacted copy must not follow it
+    assert torch.equal(small(x), before)

@@ -19,7 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_lightning.core.masks import MaskSet, masks_of, strip_masks
 from sparse_lightning.structure.groups import ChannelGroup, channel_keeps, channel_masks, position_keep
-from sparse_lightning.structure.tracer import TraceError, forward, remove_channels, trace_groups, unwrap
+from sparse_lightning.structure.tracer import (
+    TraceError,
+    detach_compiled,
+    eager,
+    forward,
+    remove_channels,
+    trace_groups,
+    unwrap,
+)
 
 RELATIVE_TOLERANCE = 1e-4
 """Largest allowed difference between masked and compacted outputs, relative to the largest masked output."""
@@ -32,7 +40,7 @@ def count_flops(module: nn.Module, example_inputs: Any) -> tuple[int, dict[str, 
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), eager(module), FlopCounterMode(display=False) as counter:
             forward(module, example_inputs)
     finally:
         for m, training in modes.items():
@@ -56,7 +64,7 @@ def _outputs(module: nn.Module, example_inputs: Any) -> list[Tensor]:
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager(module):
             out = forward(module, example_inputs)
     finally:
         for m, training in modes.items():
@@ -169,6 +177,7 @@ def masked_copy(module: nn.Module) -> nn.Module:
     masks = masks_of(module)
     result = copy.deepcopy(module)
     strip_masks(result)
+    detach_compiled(result)
     with torch.no_grad():
         for name, param in result.named_parameters():
             if name in masks:

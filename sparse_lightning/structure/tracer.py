@@ -43,6 +43,34 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+@contextmanager
+def eager(module: nn.Module) -> Iterator[None]:
+    """Run ``module``'s own ``forward`` inside: a LightningModule that ``Trainer.fit`` received compiled holds its
+    ``forward`` compiled (``_compiler_ctx``), and the tracer must see the modules, not the compiled graph."""
+    ctx = module.__dict__.get("_compiler_ctx")
+    if not ctx or "forward" not in module.__dict__:
+        yield
+        return
+    compiled = module.__dict__["forward"]
+    module.forward = ctx["original_forward"]  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        module.forward = compiled  # type: ignore[method-assign]
+
+
+def detach_compiled(copy: nn.Module) -> None:
+    """A deep copy of a LightningModule compiled by ``Trainer.fit`` still calls the *original's* compiled methods
+    (bound to it); remove them so the copy runs its own class methods."""
+    if copy.__dict__.get("_compiler_ctx"):
+        for name in _COMPILED_METHODS:
+            copy.__dict__.pop(name, None)
+        copy.__dict__["_compiler_ctx"] = None
+
+
 def forward(module: nn.Module, inputs: Any) -> Any:
     """Call ``module`` on example inputs as Lightning's ``example_input_array`` does (tuple: positional
     arguments, dict: keyword arguments, anything else: one argument)."""
@@ -58,7 +86,7 @@ def _guarded(module: nn.Module, what: str) -> Iterator[None]:
     """Grad enabled, train/eval flags restored afterwards, foreign exceptions turned into :class:`TraceError`."""
     modes = {m: m.training for m in module.modules()}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), eager(module):
             yield
     except TraceError:
         raise
