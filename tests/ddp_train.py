@@ -23,6 +23,7 @@ from sparse_lightning import (  # noqa: E402
     MFACPreconditioner,
     MFACPruning,
     RigL,
+    SoftMaskChannelPruning,
     masks_of,
 )
 from sparse_lightning.core.masks import MaskSet  # noqa: E402
@@ -75,6 +76,9 @@ def main(out: Path) -> None:
     elif variant == "channels":
         model.example_input_array = torch.zeros(2, 16)
         pruning = ChannelPruning(sparsity=0.5, criterion="taylor", start=1, end=10, every=3)
+    elif variant == "smcp":
+        model.example_input_array = torch.zeros(2, 16)
+        pruning = SoftMaskChannelPruning(sparsity=0.5, importance="taylor_fo", round_to=1, start=1, end=20, every=3)
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

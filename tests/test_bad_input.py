@@ -11,6 +11,7 @@ from sparse_lightning import (
     ConstantMask,
     GradualMagnitudePruning,
     MFACPreconditioner,
+    SoftMaskChannelPruning,
     SparsityMonitor,
     masks_of,
 )
@@ -87,7 +88,9 @@ def test_bad_input_fails_before_the_first_step_and_installs_nothing(kwargs, mess
 @pytest.mark.parametrize(
     "strategy", [DeepSpeedStrategy, XLAStrategy, FSDPStrategy, ModelParallelStrategy], ids=lambda c: c.__name__
 )
-@pytest.mark.parametrize("callback", [ConstantMask, MFACPreconditioner, ChannelPruning], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "callback", [ConstantMask, MFACPreconditioner, ChannelPruning, SoftMaskChannelPruning], ids=lambda c: c.__name__
+)
 def test_unserved_strategies_are_refused_by_name_at_setup(strategy, callback):
     """Lightning's own classes: DeepSpeed and XLA subclass DDPStrategy and must still be refused.
 

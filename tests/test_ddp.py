@@ -64,11 +64,12 @@ def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, va
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
 
 
-def test_ddp_ranks_hold_identical_channel_masks(tmp_path):
-    """ChannelPruning with Taylor scores (read from the averaged gradients) on two ranks."""
+@pytest.mark.parametrize("variant", ["channels", "smcp"])
+def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
+    """ChannelPruning with Taylor scores and SMCP with Taylor importance (both read the averaged gradients)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "channels"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), str(tmp_path), variant], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -8,6 +8,7 @@ from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePru
 from sparse_lightning.callbacks.mfac import MFACPreconditioner, MFACPruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
+from sparse_lightning.callbacks.smcp import SoftMaskChannelPruning
 from sparse_lightning.callbacks.snip import SNIP
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "RigL",
     "SET",
     "SNIP",
+    "SoftMaskChannelPruning",
     "SparsityCallback",
     "SparsityMonitor",
     "StaticRandomMask",

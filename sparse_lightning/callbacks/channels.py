@@ -233,10 +233,14 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
     def plan(self, module: nn.Module, timeline: Timeline) -> MethodPlan:
         plan = super().plan(module, timeline)
         plan.notes.append(
-            f"{len(self.groups)} channel groups ({sum(g.channels for g in self.groups)} channels), {self.criterion} "
-            f"criterion, {self.ranking} ranking; sparsity = fraction of {self.cost} removed"
+            f"{len(self.groups)} channel groups ({sum(g.channels for g in self.groups)} channels), {self.describe()}; "
+            f"sparsity = fraction of {self.cost} removed"
         )
         return plan
+
+    def describe(self) -> str:
+        """How channels are chosen, for the plan."""
+        return f"{self.criterion} criterion, {self.ranking} ranking"
 
     # --- hooks -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,388 @@
+"""SMCP: soft-mask channel pruning under a cost budget (Humble, Shen, Latorre, Kautz & Alvarez, ECCV 2022)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from sparse_lightning.callbacks.channels import ChannelPruning
+from sparse_lightning.callbacks.registry import register
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.masks import check_ranks_agree, fingerprint, is_distributed
+from sparse_lightning.core.plan import Timeline
+from sparse_lightning.core.schedules import TimeValue
+from sparse_lightning.structure.groups import ChannelCost, ChannelGroup, channel_masks, keep_counts, member_sums
+from sparse_lightning.structure.knapsack import multiple_choice_knapsack
+
+IMPORTANCES = ("weight", "taylor_fo", "taylor_so")
+SOURCES = ("gradient", "optimizer")
+ACCUMULATIONS = ("latest", "average", "momentum")
+RAMPS = ("exp", "exp2", "linear")
+
+
+def ramp_ratio(ramp: str, ratio: float, progress: float, length: float) -> float:
+    """The pruned fraction of cost after ``progress`` of ``length`` epochs of the ramp (SMCP's schedules):
+    ``exp`` r (1 - e^{-0.05 k}) / (1 - e^{-0.05 K}), ``exp2`` 1 - (1 - r)^{k/K} (FORCE), ``linear`` r k / K."""
+    if progress <= 0:
+        return 0.0
+    if progress >= length:
+        return ratio
+    if ramp == "exp":
+        return ratio * (1 - math.exp(-0.05 * progress)) / (1 - math.exp(-0.05 * length))
+    if ramp == "exp2":
+        return 1 - (1 - ratio) ** (progress / length)
+    return ratio * progress / length
+
+
+def element_importance(kind: str, weight: Tensor, grad: Tensor | None, hess: Tensor | None = None) -> Tensor:
+    """SMCP's importance of each weight: ``weight`` |w|; ``taylor_fo`` -w g; ``taylor_so`` -w g + 1/2 w^2 h, with h
+    the squared gradient or the optimizer's second moment."""
+    if kind == "weight":
+        return weight.abs()
+    assert grad is not None
+    first = -weight * grad
+    if kind == "taylor_fo":
+        return first
+    return first + 0.5 * weight.square() * (grad.square() if hess is None else hess)
+
+
+@register("soft_mask_channel_pruning")
+class SoftMaskChannelPruning(ChannelPruning):
+    """SMCP: channels are masked softly and chosen by a knapsack under a cost budget.
+
+    Humble, Shen, Latorre, Kautz & Alvarez, "Soft Masking for Cost-Constrained Channel Pruning" (ECCV 2022), on the
+    channel groups of :class:`ChannelPruning`.
+
+    - **Soft mask.** From ``start`` to ``end`` the forward pass (training and validation) sees w * m on the input
+      columns of every consumer of a dropped channel (the reference's input-channel masks), and the backward pass is
+      straight-through: the gradient taken at the masked weights updates the
+      dense weights, so masked channels keep learning and may return at the next re-solve. *This is a documented
+      exception to "gradients of masked entries are zeroed".* Masked weights get ``pruned_decay`` x w added to their
+      gradient (reference: 2e-4). At ``end`` the masks become hard (exact zeros and every guarantee of the engine) and
+      stay; ``compact`` then removes them.
+    - **Importance** of each weight: ``weight`` |w| (the reference's default), ``taylor_fo`` -w g, ``taylor_so``
+      -w g + 1/2 w^2 g^2; with ``source="optimizer"`` g and g^2 are the optimizer's first and second moments (Adam's
+      ``exp_avg``/``exp_avg_sq``, SGD's momentum buffer). A channel's score is |sum| of its consumers' importances
+      over their kept output rows and kernel (the reference's input-channel scoring), accumulated between re-solves
+      as the ``latest`` value, the ``average`` or a ``momentum`` average; steps with non-finite gradients are skipped.
+    - **Budget.** Every ``every`` steps each group offers "keep the top j channels" (j a multiple of ``round_to``,
+      0 too with ``layer_removal``), valued by the summed scores and costed with the other groups at their current
+      widths (each layer's cost belongs to the group of its input channels, as in the reference); one option per
+      group maximises the value under cost <= (1 - ratio_t) x dense cost, solved exactly by
+      :func:`~sparse_lightning.structure.knapsack.multiple_choice_knapsack`. Because the costs are linearised at the
+      current widths, the solve is repeated from its own answer until the exact cost fits the budget.
+    - **Schedule.** ratio 0 before ``start``, a ``ramp`` to ``sparsity`` at ``end`` in epochs (``exp``, the
+      reference's default, ``exp2``, ``linear``; see :func:`ramp_ratio`), held after. Deliberate difference: the
+      reference evaluates the ramp at whole epochs and reaches the target one epoch after the ramp; here the ramp is
+      continuous and reaches it at ``end``.
+
+    ``cost="latency"`` (a measured table) is not built yet and is refused.
+
+    Args:
+        sparsity: fraction of ``cost`` removed from ``end`` on (the reference's channel ratio), in [0, 1).
+        cost: ``flops`` or ``params``.
+        importance: ``weight``, ``taylor_fo`` or ``taylor_so``.
+        source: ``gradient`` (this step's) or ``optimizer`` (its moments).
+        accumulate: ``latest``, ``average`` or ``momentum`` (with ``momentum``).
+        round_to: kept widths are multiples of this (reference: 8).
+        layer_removal: allow a group to keep no channel.
+        pruned_decay: extra decay on masked weights during the soft phase.
+        ramp: ``exp``, ``exp2`` or ``linear``.
+        start, end, every: time arguments as everywhere in the plugin.
+        include, exclude, log_sparsity: as :class:`ChannelPruning`.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        *,
+        cost: str = "flops",
+        importance: str = "weight",
+        source: str = "gradient",
+        accumulate: str = "average",
+        momentum: float = 0.9,
+        round_to: int = 8,
+        layer_removal: bool = False,
+        pruned_decay: float = 2e-4,
+        ramp: str = "exp",
+        start: TimeValue = 0.1,
+        end: TimeValue = 0.75,
+        every: TimeValue = 80,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        if cost == "latency":
+            raise ConfigError("`cost='latency'` (a measured latency table) is not built yet; use 'flops' or 'params'.")
+        if cost not in ("flops", "params"):
+            raise ConfigError(f"`cost` must be one of ['flops', 'params'], got {cost!r}.")
+        super().__init__(
+            sparsity,
+            cost=cost,
+            round_to=round_to,
+            start=start,
+            end=end,
+            every=every,
+            include=include,
+            exclude=exclude,
+            log_sparsity=log_sparsity,
+        )
+        for name, value, allowed in (
+            ("importance", importance, IMPORTANCES),
+            ("source", source, SOURCES),
+            ("accumulate", accumulate, ACCUMULATIONS),
+            ("ramp", ramp, RAMPS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+        if not isinstance(layer_removal, bool):
+            raise ConfigTypeError(f"`layer_removal` must be a bool, got {layer_removal!r}.")
+        for name, value in (("momentum", momentum), ("pruned_decay", pruned_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+        self.importance, self.source, self.accumulate, self.ramp = importance, source, accumulate, ramp
+        self.momentum, self.layer_removal, self.pruned_decay = float(momentum), layer_removal, float(pruned_decay)
+        self.scores_gradients = importance != "weight"
+        self.steps_per_epoch = 1.0
+        self._dense: dict[str, Tensor] = {}
+        self._home: dict[str, tuple[str, int]] = {}
+        self._soft: dict[str, Tensor] = {}
+        self.add_state("hard", False)
+        self.add_state("score_sum", {})
+        self.add_state("score_steps", 0)
+        self.add_state("returned", 0)
+
+    def describe(self) -> str:
+        return (
+            f"{self.importance} importance, knapsack under the budget, {self.ramp} ramp; soft masks until `end`, "
+            "hard after"
+        )
+
+    # --- schedule ----------------------------------------------------------------------------------------------
+
+    def resolve_schedule(self, timeline: Timeline) -> None:
+        super().resolve_schedule(timeline)
+        self.steps_per_epoch = timeline.steps_per_epoch if math.isfinite(timeline.steps_per_epoch) else 1.0
+
+    def target_at(self, step: int) -> float:
+        assert self.start_step is not None and self.end_step is not None
+        epochs = (self.end_step - self.start_step) / self.steps_per_epoch
+        return ramp_ratio(self.ramp, self.sparsity, (step - self.start_step) / self.steps_per_epoch, epochs)
+
+    # --- importance --------------------------------------------------------------------------------------------
+
+    def _row_keeps(self) -> dict[str, Tensor]:
+        """Per parameter, its kept output rows (dimension 0) under the current soft masks."""
+        rows: dict[str, Tensor] = {}
+        params = self.params()
+        for g in self.groups:
+            for m in g.members:
+                if m.dim == 0 and m.role != "consumer":
+                    keep = torch.ones(params[m.param].shape[0], dtype=torch.bool)
+                    keep[m.index] = self.keeps[g.name][m.channel]
+                    rows[m.param] = rows[m.param] & keep if m.param in rows else keep
+        return rows
+
+    def step_scores(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
+        """This step's score of every channel: |sum of its consumers' importances over their kept rows|."""
+        params, rows = self.params(), self._row_keeps()
+        scores = {}
+        for g in self.groups:
+            total = torch.zeros(g.channels, dtype=torch.float64)
+            for m in g.role("consumer"):
+                p = params[m.param]
+                grad, hess = p.grad, None
+                if self.source == "optimizer" and optimizer is not None and self.importance != "weight":
+                    state = optimizer.state.get(p, {})
+                    grad = state.get("exp_avg", state.get("momentum_buffer", grad))
+                    hess = state.get("exp_avg_sq") if self.importance == "taylor_so" else None
+                imp = element_importance(self.importance, p.detach(), grad, hess)
+                if m.param in rows and m.dim != 0:
+                    imp = imp * rows[m.param].to(imp.device).view(-1, *[1] * (imp.dim() - 1))
+                total += member_sums(m, imp, g.channels)
+            scores[g.name] = total.abs()
+        return scores
+
+    def _accumulate(self, scores: Mapping[str, Tensor]) -> None:
+        for name, s in scores.items():
+            if self.accumulate == "latest" or name not in self.score_sum:
+                self.score_sum[name] = s.clone()
+            elif self.accumulate == "momentum":
+                self.score_sum[name] = self.momentum * self.score_sum[name] + (1 - self.momentum) * s
+            else:
+                self.score_sum[name] = self.score_sum[name] + s
+        self.score_steps = 1 if self.accumulate != "average" else self.score_steps + 1
+
+    def scores(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not self.score_sum:
+            return self.step_scores(None)
+        return {n: s / max(self.score_steps, 1) for n, s in self.score_sum.items()}
+
+    # --- the knapsack ------------------------------------------------------------------------------------------
+
+    def _fresh_cost(self, keeps: Mapping[str, Tensor]) -> ChannelCost:
+        assert self._cost is not None
+        cost = self._make_cost(self._traced, self._cost.dense)  # type: ignore[arg-type]
+        for g in self.groups:
+            cost.drop(g.name, (~keeps[g.name]).nonzero().flatten())
+        return cost
+
+    def _option_costs(self, cost: ChannelCost, group: ChannelGroup, counts: list[int]) -> Tensor:
+        """Cost of the layers whose input channels ``group`` holds (producers where a layer consumes no group), at
+        each kept count, the other groups at their current widths."""
+        result = torch.zeros(len(counts), dtype=torch.float64)
+        for m in group.members:
+            if self._home.get(m.param) != (group.name, m.dim):
+                continue
+            per_channel = len(m.index) / group.channels
+            size = cost.shapes[m.param][m.dim]
+            others = math.prod(
+                cost.kept[(m.param, d)] / cost.shapes[m.param][d] for d in cost.dims[m.param] if d != m.dim
+            )
+            for i, j in enumerate(counts):
+                result[i] += cost.weights[m.param] * others * (size - (group.channels - j) * per_channel) / size
+        return result
+
+    def _homes(self, cost: ChannelCost) -> dict[str, tuple[str, int]]:
+        homes: dict[str, tuple[str, int]] = {}
+        for roles in (("consumer",), ("producer", "bias", "norm_weight", "norm_bias", "other")):
+            for g in self.groups:
+                for m in g.role(*roles):
+                    if m.param in cost.weights and m.param not in homes:
+                        homes[m.param] = (g.name, m.dim)
+        return homes
+
+    def solve(self, ratio: float, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Channel masks of the best total score under cost <= (1 - ratio) x dense (see the class docstring)."""
+        keeps = {n: k.clone() for n, k in self.keeps.items()}
+        for _ in range(8):
+            cost = self._fresh_cost(keeps)
+            self._home = self._homes(cost)
+            constant = cost.constant + sum(w for p, w in cost.weights.items() if p not in self._home)
+            budget = (1 - ratio) * cost.dense - constant
+            values, costs, orders, options = [], [], [], []
+            for g in self.groups:
+                counts = keep_counts(g.channels, self.round_to)
+                if self.layer_removal:
+                    counts = [*counts, 0]
+                order = torch.argsort(scores[g.name], descending=True, stable=True)
+                cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), scores[g.name][order].double().cumsum(0)])
+                values.append(cumulative[counts])
+                costs.append(self._option_costs(cost, g, counts))
+                orders.append(order)
+                options.append(counts)
+            picked, _, _ = multiple_choice_knapsack(values, costs, max(budget, 0.0))
+            new = {}
+            for g, order, counts, choice in zip(self.groups, orders, options, picked, strict=True):
+                keep = torch.zeros(g.channels, dtype=torch.bool)
+                keep[order[: counts[choice]]] = True
+                new[g.name] = keep
+            exact = self._fresh_cost(new).removed_fraction()
+            converged = all(torch.equal(new[n], keeps[n]) for n in keeps)
+            keeps = new
+            if exact >= ratio - 1e-9 or converged:
+                break
+        return keeps
+
+    # --- hooks -------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if (
+            stage == "fit"
+            and self.round_to > 1
+            and not any(keep_counts(g.channels, self.round_to)[-1] < g.channels for g in self.groups)
+        ):
+            raise ConfigError(f"No selected group has more than `round_to`={self.round_to} channels to prune.")
+
+    def _soft_masks(self) -> dict[str, Tensor]:
+        """The soft masks: only the consumers' input columns of dropped channels (the reference's input-channel
+        masks). That removes the channels from every later layer, and their columns still get a straight-through
+        gradient (their inputs are alive); masking producers and norms too would leave a dropped channel no gradient
+        at all, so it could never return."""
+        params = self.params()
+        consumers = [ChannelGroup(g.name, g.channels, g.role("consumer")) for g in self.groups]
+        return channel_masks(consumers, self.keeps, {n: params[n].shape for n in self.names})
+
+    def _mask_softly(self) -> None:
+        if self.hard or self._dense or all(bool(k.all()) for k in self.keeps.values()):
+            return
+        params = self.params()
+        self._soft = self._soft_masks()
+        with torch.no_grad():
+            for name, mask in self._soft.items():
+                if not bool(mask.all()):
+                    self._dense[name] = params[name].detach().clone()
+                    params[name].mul_(mask.to(params[name].device))
+
+    def _restore_dense(self) -> None:
+        """Straight-through: the gradient taken at w * m updates the dense w (and masked weights decay)."""
+        if not self._dense:
+            return
+        params = self.params()
+        with torch.no_grad():
+            for name, dense in self._dense.items():
+                params[name].copy_(dense)
+                grad = params[name].grad
+                if grad is not None and self.pruned_decay:
+                    grad.add_(dense * (~self._soft[name].to(dense.device)), alpha=self.pruned_decay)
+        self._dense = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._mask_softly()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mask_softly()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._dense:
+            params = self.params()
+            with torch.no_grad():
+                for name, dense in self._dense.items():
+                    params[name].copy_(dense)
+            self._dense = {}
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._restore_dense()
+        step = trainer.global_step
+        soft_phase = not self.hard and self.end_step is not None and step <= self.end_step
+        if soft_phase and self.importance != "weight" and self._gradients_finite():
+            self._accumulate(self.step_scores(optimizer))
+        super(ChannelPruning, self).on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        assert self.end_step is not None
+        if self.importance == "weight":
+            self.score_sum, self.score_steps = {}, 0
+        before = {n: k.clone() for n, k in self.keeps.items()}
+        if step >= self.end_step:
+            super(ChannelPruning, self).update_masks(trainer, pl_module, step)  # hard: the engine's masks
+            self.hard = True
+        else:
+            self.keeps = self.solve(self.target_at(step), self.scores(self.params()))
+            self.score_sum, self.score_steps = {}, 0
+            if is_distributed():
+                check_ranks_agree({n: fingerprint(k) for n, k in self.keeps.items()}, "soft masks", type(self).__name__)
+            self.last_update_step = step
+        self.returned += sum(int((~before[n] & self.keeps[n]).sum()) for n in before)
+        self._cost = self._fresh_cost(self.keeps)
+        if self.log_sparsity:
+            pl_module.log(f"channels/{self.cost}_removed", self.removed_fraction, on_step=True, on_epoch=False)
+            pl_module.log("channels/returned", float(self.returned), on_step=True, on_epoch=False)
+
+    def compute_masks(self, step: int, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        self.keeps = self.solve(self.target_at(step), self.scores(params))
+        return channel_masks(self.groups, self.keeps, {n: params[n].shape for n in self.names})
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.hard and self.last_update_step >= 0:  # stopped early: harden what was reached
+            super(ChannelPruning, self).update_masks(trainer, pl_module, trainer.global_step)
+            self.hard = True
+        super().on_fit_end(trainer, pl_module)
