@@ -1,13 +1,16 @@
 """Accuracy at equal FLOPs on MNIST-1D: ChannelPruning (l1, taylor), Lightning's ModelPruning (ln_structured),
 Torch-Pruning's own iterative pruner, and dense.
 
-    python benchmarks/channel_accuracy.py [--seeds 3] [--workers 2] [--epochs 100]
+    python benchmarks/channel_accuracy.py [--seeds 3] [--workers 2] [--epochs 100] [--methods ...] [--append]
 
 The wide MNIST-1D CNN (128 channels), Adam 1e-2, batch 100, final test accuracy on the 1000 test samples. Every
 pruning method works over the same window (epochs 10% to 60% of training):
 
 - ``ChannelPruning``: ``cost="flops"``, global ranking, cubic curve, an event every 40 optimizer steps; masks during
   training, then ``sparse_lightning.compact`` (the compacted model's accuracy is measured too and must equal it).
+- ``SoftMaskChannelPruning`` (SMCP) with ``weight`` and ``taylor_fo`` importance: soft masks during the same window,
+  re-solved every 40 steps, ``round_to=1`` so that it meets the same FLOPs as the others (its default is 8), exp ramp;
+  hard at the end, then compacted. The table counts the channels that returned after a re-solve had dropped them.
 - ``ModelPruning("ln_structured", pruning_norm=1, pruning_dim=0)`` on the three convolutions at epoch ends, the same
   whole number of channels per layer that gives the FLOPs target if those channels were removed, added by a cubic
   curve. It masks only the filters (their biases still pass through ReLU), so it has no compact equivalent.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 LEVELS = (0.5, 0.7)
+METHODS = ("dense", "l1", "taylor", "smcp-weight", "smcp-taylor_fo", "modelpruning", "torch-pruning")
 
 
 def uniform_channels(level: float, channels: int = 128) -> int:
@@ -85,6 +89,21 @@ def run(config: dict) -> dict:
                 log_sparsity=False,
             )
         )
+    elif method.startswith("smcp-"):
+        from sparse_lightning import SoftMaskChannelPruning
+
+        callbacks.append(
+            SoftMaskChannelPruning(
+                level,
+                cost="flops",
+                importance=method.split("-", 1)[1],
+                round_to=1,
+                start=f"{start_ep}ep",
+                end=f"{end_ep}ep",
+                every=40,
+                log_sparsity=False,
+            )
+        )
     elif method == "modelpruning":
         from lightning.pytorch.callbacks import ModelPruning
 
@@ -132,7 +151,7 @@ def run(config: dict) -> dict:
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, **QUIET_TRAINER)
     trainer.fit(model, data)
     x = torch.zeros(1, 40)
-    if method in ("l1", "taylor"):
+    if method in ("l1", "taylor") or method.startswith("smcp-"):
         small, report = compact(model, x)
         flops_ratio = report["flops_after"] / report["flops_before"]
     else:
@@ -152,7 +171,18 @@ def run(config: dict) -> dict:
         "flops_ratio": flops_ratio,
         "conv_filters": filters,
         "zero_filters": zero_filters,
+        "returned": getattr(callbacks[0], "returned", 0) if callbacks else 0,
     }
+
+
+def _typed(row: dict) -> dict:
+    out: dict = {}
+    for k, v in row.items():
+        try:
+            out[k] = int(v) if k in ("seed", "epochs", "conv_filters", "zero_filters", "returned") else float(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
 
 
 def evaluate(model, loader) -> float:
@@ -172,19 +202,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--append", action="store_true", help="keep the other methods' rows of the existing CSV")
     args = parser.parse_args()
     configs = [{"method": "dense", "level": 0.0, "seed": s, "epochs": args.epochs} for s in range(args.seeds)]
     configs += [
         {"method": m, "level": level, "seed": s, "epochs": args.epochs}
         for level in LEVELS
-        for m in ("l1", "taylor", "modelpruning", "torch-pruning")
+        for m in args.methods
+        if m != "dense"
         for s in range(args.seeds)
     ]
+    if "dense" not in args.methods:
+        configs = [c for c in configs if c["method"] != "dense"]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(run, configs))
     RESULTS.mkdir(exist_ok=True)
+    if args.append and (RESULTS / "channel_accuracy.csv").is_file():
+        with open(RESULTS / "channel_accuracy.csv") as f:
+            kept = [_typed(r) for r in csv.DictReader(f) if r["method"] not in args.methods]
+        results = kept + results
     with open(RESULTS / "channel_accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer = csv.DictWriter(f, fieldnames=list(results[-1]))
         writer.writeheader()
         writer.writerows(results)
     write_doc(results, args)
@@ -197,6 +236,8 @@ def write_doc(results: list[dict], args: argparse.Namespace) -> None:
         "dense": "dense",
         "l1": "ChannelPruning l1",
         "taylor": "ChannelPruning taylor",
+        "smcp-weight": "SoftMaskChannelPruning weight",
+        "smcp-taylor_fo": "SoftMaskChannelPruning taylor_fo",
         "modelpruning": "ModelPruning ln_structured (masks only)",
         "torch-pruning": "Torch-Pruning MetaPruner (L1 group)",
     }
@@ -214,12 +255,15 @@ def write_doc(results: list[dict], args: argparse.Namespace) -> None:
                     label,
                     mean_spread([r["acc"] for r in runs]),
                     f"{statistics.mean(ratios):.3f}" if ratios else "- (not compactable)",
-                    ("yes" if same else "NO") if method in ("l1", "taylor") else "-",
+                    ("yes" if same else "NO") if method in ("l1", "taylor") or method.startswith("smcp") else "-",
                     f"{statistics.mean(r['conv_filters'] - r['zero_filters'] for r in runs):.0f} of 384",
+                    f"{statistics.mean(int(r.get('returned') or 0) for r in runs):.0f}"
+                    if method.startswith("smcp")
+                    else "-",
                 ]
             )
     header = ["FLOPs removed", "method", "test acc % (mean ± sd)", "FLOPs ratio", "compacted acc = masked"]
-    text = table([*header, "conv filters left (non-zero)"], rows)
+    text = table([*header, "conv filters left (non-zero)", "channels returned (soft masks)"], rows)
     from _report import write_section
 
     command = f"python benchmarks/channel_accuracy.py --seeds {args.seeds} --epochs {args.epochs}"

@@ -142,6 +142,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         self._inputs: Any = None
         self._cost: ChannelCost | None = None
         self._traced: nn.Module | None = None
+        self._cost_source: tuple[float, dict[str, float]] | None = None
         self.compacted_positions: dict[str, dict[int, Tensor]] = {}
         """Per parameter the last compaction during fit resized, per dimension, the positions that survived."""
         self.add_state("keeps", {})
@@ -201,6 +202,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         except ValueError as err:
             raise ConfigError(f"{owner}: {err}") from None
         self.groups, self._inputs, self._traced = groups, inputs, module
+        self._cost_source = None
         dense = self._cost.dense if self._cost is not None else None
         self._cost = self._make_cost(module, dense)
         if dense is None:
@@ -213,12 +215,15 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
                 )
 
     def _make_cost(self, module: nn.Module, dense: float | None) -> ChannelCost:
+        """The cost model of ``module`` as traced (its FLOPs are counted once per trace)."""
         params = dict(module.named_parameters())
         shapes = {n: p.shape for n, p in params.items()}
-        if self.cost == "flops":
-            total, weights = layer_flops(module, self._inputs)
-        else:
-            total, weights = sum(p.numel() for p in params.values()), {n: p.numel() for n, p in params.items()}
+        if self._cost_source is None:
+            if self.cost == "flops":
+                self._cost_source = layer_flops(module, self._inputs)
+            else:
+                self._cost_source = (sum(p.numel() for p in params.values()), {n: p.numel() for n, p in params.items()})
+        total, weights = self._cost_source
         return ChannelCost(self.groups, shapes, weights, float(total), self.cost, dense)
 
     def select(self, module: nn.Module) -> dict[str, Tensor]:

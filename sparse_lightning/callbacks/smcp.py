@@ -258,35 +258,75 @@ class SoftMaskChannelPruning(ChannelPruning):
         return homes
 
     def solve(self, ratio: float, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Channel masks of the best total score under cost <= (1 - ratio) x dense (see the class docstring)."""
-        keeps = {n: k.clone() for n, k in self.keeps.items()}
-        for _ in range(8):
-            cost = self._fresh_cost(keeps)
-            self._home = self._homes(cost)
-            constant = cost.constant + sum(w for p, w in cost.weights.items() if p not in self._home)
-            budget = (1 - ratio) * cost.dense - constant
-            values, costs, orders, options = [], [], [], []
-            for g in self.groups:
-                counts = keep_counts(g.channels, self.round_to)
-                if self.layer_removal:
-                    counts = [*counts, 0]
-                order = torch.argsort(scores[g.name], descending=True, stable=True)
-                cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), scores[g.name][order].double().cumsum(0)])
-                values.append(cumulative[counts])
-                costs.append(self._option_costs(cost, g, counts))
-                orders.append(order)
-                options.append(counts)
-            picked, _, _ = multiple_choice_knapsack(values, costs, max(budget, 0.0))
-            new = {}
-            for g, order, counts, choice in zip(self.groups, orders, options, picked, strict=True):
-                keep = torch.zeros(g.channels, dtype=torch.bool)
-                keep[order[: counts[choice]]] = True
-                new[g.name] = keep
-            exact = self._fresh_cost(new).removed_fraction()
-            converged = all(torch.equal(new[n], keeps[n]) for n in keeps)
-            keeps = new
-            if exact >= ratio - 1e-9 or converged:
+        """Channel masks of the best total score under cost <= (1 - ratio) x dense (see the class docstring).
+
+        The knapsack's option costs are linearised at the current widths. Its answer is checked with the exact cost:
+        if it misses the target, the budget is tightened by the shortfall and the knapsack solved again from there;
+        then channels are given back, best score per unit of exact cost first, while the target still holds, so the
+        final choice sits at the budget.
+        """
+        point = {n: k.clone() for n, k in self.keeps.items()}
+        target = ratio
+        keeps = point
+        for _ in range(10):
+            keeps = self._knapsack(target, scores, point)
+            exact = self._fresh_cost(keeps).removed_fraction()
+            if exact >= ratio - 1e-9:
                 break
+            target, point = min(target + (ratio - exact) + 1e-6, 1.0), keeps
+        else:
+            raise RuntimeError(f"{type(self).__name__}: no channel choice meets the cost target {ratio:.4f}.")
+        return self._give_back(keeps, ratio, scores)
+
+    def _give_back(self, keeps: dict[str, Tensor], ratio: float, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        keeps = {n: k.clone() for n, k in keeps.items()}
+        current = self._fresh_cost(keeps).current()
+        while True:
+            best = None
+            for g in self.groups:
+                kept = int(keeps[g.name].sum())
+                larger = [c for c in keep_counts(g.channels, self.round_to) if c > kept]
+                if not larger:
+                    continue
+                dropped = (~keeps[g.name]).nonzero().flatten()
+                ranked = dropped[torch.argsort(scores[g.name][dropped], descending=True, stable=True)]
+                add = ranked[: min(larger) - kept]
+                trial = dict(keeps)
+                trial[g.name] = keeps[g.name].clone()
+                trial[g.name][add] = True
+                cost = self._fresh_cost(trial)
+                if cost.removed_fraction() < ratio - 1e-9:
+                    continue
+                gain = float(scores[g.name][add].sum()) / max(cost.current() - current, 1e-12)
+                if best is None or gain > best[0]:
+                    best = (gain, trial, cost.current())
+            if best is None:
+                return keeps
+            _, keeps, current = best
+
+    def _knapsack(self, ratio: float, scores: Mapping[str, Tensor], point: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        cost = self._fresh_cost(point)
+        self._home = self._homes(cost)
+        constant = cost.constant + sum(w for p, w in cost.weights.items() if p not in self._home)
+        budget = (1 - min(ratio, 1.0)) * cost.dense - constant
+        values, costs, orders, options = [], [], [], []
+        for g in self.groups:
+            counts = keep_counts(g.channels, self.round_to)
+            if self.layer_removal:
+                counts = [*counts, 0]
+            order = torch.argsort(scores[g.name], descending=True, stable=True)
+            cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), scores[g.name][order].double().cumsum(0)])
+            values.append(cumulative[counts])
+            costs.append(self._option_costs(cost, g, counts))
+            orders.append(order)
+            options.append(counts)
+        cheapest = sum(float(c.min()) for c in costs)
+        picked, _, _ = multiple_choice_knapsack(values, costs, max(budget, cheapest))
+        keeps = {}
+        for g, order, counts, choice in zip(self.groups, orders, options, picked, strict=True):
+            keep = torch.zeros(g.channels, dtype=torch.bool)
+            keep[order[: counts[choice]]] = True
+            keeps[g.name] = keep
         return keeps
 
     # --- hooks -------------------------------------------------------------------------------------------------
