@@ -267,6 +267,8 @@ def write_doc(results: list[dict], args: argparse.Namespace) -> None:
     from _report import write_section
 
     command = f"python benchmarks/channel_accuracy.py --seeds {args.seeds} --epochs {args.epochs}"
+    if args.append:
+        command += f" --methods {' '.join(args.methods)} --append` (the other rows: an earlier run of `{command}"
     write_section(
         "channel-accuracy",
         "## Channel pruning: accuracy at equal FLOPs on MNIST-1D\n\n"
