@@ -74,8 +74,11 @@ class SoftMaskChannelPruning(ChannelPruning):
       0 too with ``layer_removal``), valued by the summed scores and costed with the other groups at their current
       widths (each layer's cost belongs to the group of its input channels, as in the reference); one option per
       group maximises the value under cost <= (1 - ratio_t) x dense cost, solved exactly by
-      :func:`~sparse_lightning.structure.knapsack.multiple_choice_knapsack`. Because the costs are linearised at the
-      current widths, the solve is repeated from its own answer until the exact cost fits the budget.
+      :func:`~sparse_lightning.structure.knapsack.multiple_choice_knapsack`. Deliberate difference: the costs are
+      linearised at the current widths (a layer's cost also depends on its output group), so the answer is checked
+      with the exact cost, the budget tightened if it misses, and then channels are given back (best score per unit
+      of exact cost) while the budget holds, so the final choice meets the target tightly (the reference solves once
+      with the linearised costs, by a meet-in-the-middle search).
     - **Schedule.** ratio 0 before ``start``, a ``ramp`` to ``sparsity`` at ``end`` in epochs (``exp``, the
       reference's default, ``exp2``, ``linear``; see :func:`ramp_ratio`), held after. Deliberate difference: the
       reference evaluates the ramp at whole epochs and reaches the target one epoch after the ramp; here the ramp is
