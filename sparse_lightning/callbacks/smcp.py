@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sparse_lightning.callbacks.channels import ChannelPruning
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.errors import ConfigError
 from sparse_lightning.core.masks import check_ranks_agree, fingerprint, is_distributed
 from sparse_lightning.core.plan import Timeline
 from sparse_lightning.core.schedules import TimeValue
@@ -70,15 +70,15 @@ class SoftMaskChannelPruning(ChannelPruning):
       ``exp_avg``/``exp_avg_sq``, SGD's momentum buffer). A channel's score is |sum| of its consumers' importances
       over their kept output rows and kernel (the reference's input-channel scoring), accumulated between re-solves
       as the ``latest`` value, the ``average`` or a ``momentum`` average; steps with non-finite gradients are skipped.
-    - **Budget.** Every ``every`` steps each group offers "keep the top j channels" (j a multiple of ``round_to``,
-      0 too with ``layer_removal``), valued by the summed scores and costed with the other groups at their current
-      widths (each layer's cost belongs to the group of its input channels, as in the reference); one option per
-      group maximises the value under cost <= (1 - ratio_t) x dense cost, solved exactly by
-      :func:`~sparse_lightning.structure.knapsack.multiple_choice_knapsack`. Deliberate difference: the costs are
-      linearised at the current widths (a layer's cost also depends on its output group), so the answer is checked
-      with the exact cost, the budget tightened if it misses, and then channels are given back (best score per unit
-      of exact cost) while the budget holds, so the final choice meets the target tightly (the reference solves once
-      with the linearised costs, by a meet-in-the-middle search).
+    - **Budget.** Every ``every`` steps each group offers "keep the top j channels" (j a multiple of ``round_to``; the
+      reference's option of keeping none, removing a layer, is left out: compaction keeps at least one channel), valued
+      by the summed scores and costed with the other groups at their current widths (each layer's cost belongs to the
+      group of its input channels, as in the reference); one option per group maximises the value under cost <= (1 -
+      ratio_t) x dense cost, solved exactly by :func:`~sparse_lightning.structure.knapsack.multiple_choice_knapsack`.
+      Deliberate difference: the costs are linearised at the current widths (a layer's cost also depends on its output
+      group), so the answer is checked with the exact cost, the budget tightened if it misses, and then channels are
+      given back (best score per unit of exact cost) while the budget holds, so the final choice meets the target
+      tightly (the reference solves once with the linearised costs, by a meet-in-the-middle search).
     - **Schedule.** ratio 0 before ``start``, a ``ramp`` to ``sparsity`` at ``end`` in epochs (``exp``, the
       reference's default, ``exp2``, ``linear``; see :func:`ramp_ratio`), held after. Deliberate difference: the
       reference evaluates the ramp at whole epochs and reaches the target one epoch after the ramp; here the ramp is
@@ -93,7 +93,6 @@ class SoftMaskChannelPruning(ChannelPruning):
         source: ``gradient`` (this step's) or ``optimizer`` (its moments).
         accumulate: ``latest``, ``average`` or ``momentum`` (with ``momentum``).
         round_to: kept widths are multiples of this (reference: 8).
-        layer_removal: allow a group to keep no channel.
         pruned_decay: extra decay on masked weights during the soft phase.
         ramp: ``exp``, ``exp2`` or ``linear``.
         start, end, every: time arguments as everywhere in the plugin.
@@ -110,7 +109,6 @@ class SoftMaskChannelPruning(ChannelPruning):
         accumulate: str = "average",
         momentum: float = 0.9,
         round_to: int = 8,
-        layer_removal: bool = False,
         pruned_decay: float = 2e-4,
         ramp: str = "exp",
         start: TimeValue = 0.1,
@@ -143,13 +141,11 @@ class SoftMaskChannelPruning(ChannelPruning):
         ):
             if value not in allowed:
                 raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-        if not isinstance(layer_removal, bool):
-            raise ConfigTypeError(f"`layer_removal` must be a bool, got {layer_removal!r}.")
         for name, value in (("momentum", momentum), ("pruned_decay", pruned_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"`{name}` must be a number in [0, 1), got {value!r}.")
         self.importance, self.source, self.accumulate, self.ramp = importance, source, accumulate, ramp
-        self.momentum, self.layer_removal, self.pruned_decay = float(momentum), layer_removal, float(pruned_decay)
+        self.momentum, self.pruned_decay = float(momentum), float(pruned_decay)
         self.scores_gradients = importance != "weight"
         self.steps_per_epoch = 1.0
         self._dense: dict[str, Tensor] = {}
@@ -315,8 +311,6 @@ class SoftMaskChannelPruning(ChannelPruning):
         values, costs, orders, options = [], [], [], []
         for g in self.groups:
             counts = keep_counts(g.channels, self.round_to)
-            if self.layer_removal:
-                counts = [*counts, 0]
             order = torch.argsort(scores[g.name], descending=True, stable=True)
             cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), scores[g.name][order].double().cumsum(0)])
             values.append(cumulative[counts])
