@@ -127,7 +127,7 @@ def _uniform(
             kept_now = int(trial[g.name].sum())
             drop = kept_now - min(min(allowed), kept_now)
             if drop > 0:
-                chunk = torch.cat(_chunks(trial[g.name], scores[g.name], 1)[:drop]) if drop else None
+                chunk = torch.cat(_chunks(trial[g.name], scores[g.name], 1)[:drop])
                 trial_cost.drop(g.name, chunk)
                 trial[g.name][chunk] = False
         return trial, trial_cost
