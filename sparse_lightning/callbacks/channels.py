@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from sparse_lightning.callbacks.base import SparsityCallback, check_strategy
 from sparse_lightning.callbacks.gradual import GradualSchedule
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_int
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_choice, check_int
 from sparse_lightning.core.masks import is_distributed
 from sparse_lightning.core.plan import MethodPlan, Timeline
 from sparse_lightning.core.schedules import TimeValue
@@ -125,14 +125,9 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
         self.init_schedule(sparsity, initial_sparsity, start, end, every, curve)
-        for name, value, allowed in (
-            ("cost", cost, COSTS),
-            ("criterion", criterion, CRITERIA),
-            ("ranking", ranking, RANKINGS),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-        self.cost, self.criterion, self.ranking = cost, criterion, ranking
+        self.cost = check_choice("cost", cost, COSTS)
+        self.criterion = check_choice("criterion", criterion, CRITERIA)
+        self.ranking = check_choice("ranking", ranking, RANKINGS)
         self.scores_gradients = criterion == "taylor"
         self.round_to = check_int("round_to", round_to, minimum=1)
         if not isinstance(compact_during_fit, bool):

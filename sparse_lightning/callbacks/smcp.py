@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sparse_lightning.callbacks.channels import ChannelPruning
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.errors import ConfigError
+from sparse_lightning.core.errors import ConfigError, check_choice
 from sparse_lightning.core.masks import check_ranks_agree, fingerprint, is_distributed
 from sparse_lightning.core.plan import Timeline
 from sparse_lightning.core.schedules import TimeValue
@@ -120,8 +120,7 @@ class SoftMaskChannelPruning(ChannelPruning):
     ) -> None:
         if cost == "latency":
             raise ConfigError("`cost='latency'` (a measured latency table) is not built yet; use 'flops' or 'params'.")
-        if cost not in ("flops", "params"):
-            raise ConfigError(f"`cost` must be one of ['flops', 'params'], got {cost!r}.")
+        check_choice("cost", cost, ("flops", "params"))
         super().__init__(
             sparsity,
             cost=cost,
@@ -133,14 +132,10 @@ class SoftMaskChannelPruning(ChannelPruning):
             exclude=exclude,
             log_sparsity=log_sparsity,
         )
-        for name, value, allowed in (
-            ("importance", importance, IMPORTANCES),
-            ("source", source, SOURCES),
-            ("accumulate", accumulate, ACCUMULATIONS),
-            ("ramp", ramp, RAMPS),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+        check_choice("importance", importance, IMPORTANCES)
+        check_choice("source", source, SOURCES)
+        check_choice("accumulate", accumulate, ACCUMULATIONS)
+        check_choice("ramp", ramp, RAMPS)
         for name, value in (("momentum", momentum), ("pruned_decay", pruned_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"`{name}` must be a number in [0, 1), got {value!r}.")

@@ -5,6 +5,8 @@ The command catches them and prints one line (exit status 2) instead of a traceb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ConfigError(ValueError):
     """An argument, recipe field or selection that can not be used, with a message naming it."""
@@ -23,3 +25,10 @@ def check_int(name: str, value: int | None, minimum: int | None = None, allow_no
     if minimum is not None and value < minimum:
         raise ConfigError(f"`{name}` must be >= {minimum}, got {value}.")
     return value
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``; otherwise an error naming ``name`` and the choices."""
+    if value not in allowed:
+        raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+    return value  # type: ignore[return-value]

@@ -9,7 +9,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from sparse_lightning.core.errors import ConfigError
+from sparse_lightning.core.errors import ConfigError, check_choice
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -37,10 +37,8 @@ class LitClassifier(pl.LightningModule):
         lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {optimizer!r}.")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"`lr_schedule` must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}.")
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         if lr <= 0:
             raise ConfigError(f"`lr` must be positive, got {lr}.")
         self.save_hyperparameters(ignore=["net"])
