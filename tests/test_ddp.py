@@ -9,12 +9,17 @@ import torch
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 
 
+def run_ranks(tmp_path: Path, variant: str) -> subprocess.CompletedProcess:
+    """Two gloo ranks of ``ddp_train.py`` with ``variant``; each saves what it ended with under ``tmp_path``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), variant], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 @pytest.mark.parametrize("distribution", ["global", "erk", "rigl", "set", "gap", "mfac_preconditioner", "mfac_pruning"])
 def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), distribution], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_ranks(tmp_path, distribution)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 24  # 64 samples / 2 ranks / batch 4 = 8 steps, 3 epochs
@@ -56,10 +61,7 @@ def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution)
 def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, variant, message):
     """The check runs on what each rank computed, before anything is applied: a rank that diverges on purpose is
     named, with the method and the parameter, on every rank."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), variant], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_ranks(tmp_path, variant)
     assert result.returncode != 0
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
 
@@ -67,10 +69,7 @@ def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, va
 @pytest.mark.parametrize("variant", ["channels", "smcp"])
 def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
     """ChannelPruning with Taylor scores and SMCP with Taylor importance (both read the averaged gradients)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), variant], env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_ranks(tmp_path, variant)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for (step_a, fp_a), (step_b, fp_b) in zip(ranks[0]["history"], ranks[1]["history"], strict=True):

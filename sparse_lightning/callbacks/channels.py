@@ -143,7 +143,6 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         self.add_state("keeps", {})
         self.add_state("taylor_sum", {})
         self.add_state("taylor_steps", 0)
-        self.add_state("compactions", 0)
 
     # --- groups ------------------------------------------------------------------------------------------------
 
@@ -327,7 +326,6 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         new = dict(pl_module.named_parameters())
         for optimizer in trainer.optimizers:
             carry_optimizer_state(optimizer, old, new, positions)
-        self.compactions += 1
         self._retrace(pl_module)
 
     def _retrace(self, pl_module: pl.LightningModule) -> None:

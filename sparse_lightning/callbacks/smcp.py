@@ -144,8 +144,8 @@ class SoftMaskChannelPruning(ChannelPruning):
         self.scores_gradients = importance != "weight"
         self.steps_per_epoch = 1.0
         self._dense: dict[str, Tensor] = {}
-        self._home: dict[str, tuple[str, int]] = {}
         self._soft: dict[str, Tensor] = {}
+        self._soft_for: dict[str, Tensor] | None = None
         self.add_state("hard", False)
         self.add_state("score_sum", {})
         self.add_state("score_steps", 0)
@@ -226,12 +226,14 @@ class SoftMaskChannelPruning(ChannelPruning):
             cost.drop(g.name, (~keeps[g.name]).nonzero().flatten())
         return cost
 
-    def _option_costs(self, cost: ChannelCost, group: ChannelGroup, counts: list[int]) -> Tensor:
+    def _option_costs(
+        self, cost: ChannelCost, group: ChannelGroup, counts: list[int], homes: Mapping[str, tuple[str, int]]
+    ) -> Tensor:
         """Cost of the layers whose input channels ``group`` holds (producers where a layer consumes no group), at
         each kept count, the other groups at their current widths."""
         result = torch.zeros(len(counts), dtype=torch.float64)
         for m in group.members:
-            if self._home.get(m.param) != (group.name, m.dim):
+            if homes.get(m.param) != (group.name, m.dim):
                 continue
             per_channel = len(m.index) / group.channels
             size = cost.shapes[m.param][m.dim]
@@ -300,8 +302,8 @@ class SoftMaskChannelPruning(ChannelPruning):
 
     def _knapsack(self, ratio: float, scores: Mapping[str, Tensor], point: Mapping[str, Tensor]) -> dict[str, Tensor]:
         cost = self._fresh_cost(point)
-        self._home = self._homes(cost)
-        constant = cost.constant + sum(w for p, w in cost.weights.items() if p not in self._home)
+        homes = self._homes(cost)
+        constant = cost.constant + sum(w for p, w in cost.weights.items() if p not in homes)
         budget = (1 - min(ratio, 1.0)) * cost.dense - constant
         values, costs, orders, options = [], [], [], []
         for g in self.groups:
@@ -309,7 +311,7 @@ class SoftMaskChannelPruning(ChannelPruning):
             order = torch.argsort(scores[g.name], descending=True, stable=True)
             cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), scores[g.name][order].double().cumsum(0)])
             values.append(cumulative[counts])
-            costs.append(self._option_costs(cost, g, counts))
+            costs.append(self._option_costs(cost, g, counts, homes))
             orders.append(order)
             options.append(counts)
         cheapest = sum(float(c.min()) for c in costs)
@@ -341,16 +343,24 @@ class SoftMaskChannelPruning(ChannelPruning):
         consumers = [ChannelGroup(g.name, g.channels, g.role("consumer")) for g in self.groups]
         return channel_masks(consumers, self.keeps, {n: params[n].shape for n in self.names})
 
+    def _current_soft(self) -> dict[str, Tensor]:
+        """The soft masks that mask something, on their parameters' devices, built once per set of channel masks
+        (``self.keeps`` is replaced, never changed in place, at every re-solve and load)."""
+        if self._soft_for is not self.keeps:
+            params = self.params()
+            masks = self._soft_masks().items()
+            self._soft = {n: m.to(params[n].device) for n, m in masks if not bool(m.all())}
+            self._soft_for = self.keeps
+        return self._soft
+
     def _mask_softly(self) -> None:
-        if self.hard or self._dense or all(bool(k.all()) for k in self.keeps.values()):
+        if self.hard or self._dense:
             return
         params = self.params()
-        self._soft = self._soft_masks()
         with torch.no_grad():
-            for name, mask in self._soft.items():
-                if not bool(mask.all()):
-                    self._dense[name] = params[name].detach().clone()
-                    params[name].mul_(mask.to(params[name].device))
+            for name, mask in self._current_soft().items():
+                self._dense[name] = params[name].detach().clone()
+                params[name].mul_(mask)
 
     def _restore_dense(self) -> None:
         """Straight-through: the gradient taken at w * m updates the dense w (and masked weights decay)."""
@@ -362,7 +372,7 @@ class SoftMaskChannelPruning(ChannelPruning):
                 params[name].copy_(dense)
                 grad = params[name].grad
                 if grad is not None and self.pruned_decay:
-                    grad.add_(dense * (~self._soft[name].to(dense.device)), alpha=self.pruned_decay)
+                    grad.add_(dense * ~self._soft[name], alpha=self.pruned_decay)
         self._dense = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

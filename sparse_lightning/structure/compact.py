@@ -85,21 +85,25 @@ def _outputs(module: nn.Module, example_inputs: Any) -> list[Tensor]:
     return flat
 
 
-def output_difference(reference: nn.Module, other: nn.Module, example_inputs: Any) -> float:
-    """Largest absolute difference between the two modules' outputs (eval mode); ``inf`` if they do not run or
-    their outputs do not have the same shapes."""
+def output_difference(reference: nn.Module, other: nn.Module, example_inputs: Any) -> tuple[float, float]:
+    """The largest absolute difference between the two modules' outputs (eval mode; ``inf`` if ``other`` does not
+    run or its outputs do not have the same shapes) and the largest absolute output of ``reference``."""
     want = _outputs(reference, example_inputs)
+    scale = max((float(t.abs().max()) for t in want if t.numel()), default=0.0)
     try:
         got = _outputs(other, example_inputs)
     except Exception:
-        return float("inf")
+        return float("inf"), scale
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want, strict=True)):
-        return float("inf")
-    return max((float((a - b).abs().max()) for a, b in zip(got, want, strict=True) if a.numel()), default=0.0)
+        return float("inf"), scale
+    diff = max((float((a - b).abs().max()) for a, b in zip(got, want, strict=True) if a.numel()), default=0.0)
+    return diff, scale
 
 
-def _scale(module: nn.Module, example_inputs: Any) -> float:
-    return max((float(t.abs().max()) for t in _outputs(module, example_inputs) if t.numel()), default=0.0)
+def _matches(reference: nn.Module, other: nn.Module, example_inputs: Any) -> tuple[bool, float]:
+    """Whether the outputs agree within :data:`RELATIVE_TOLERANCE`, and the largest difference."""
+    diff, scale = output_difference(reference, other, example_inputs)
+    return diff <= RELATIVE_TOLERANCE * max(scale, 1e-12), diff
 
 
 def kept_positions(
@@ -151,8 +155,8 @@ def _apply(module: nn.Module, groups: list[ChannelGroup], keeps: Mapping[str, Te
 def _check_outputs(
     reference: nn.Module, compacted: nn.Module, inputs: Any, groups: list[ChannelGroup], keeps: Mapping[str, Tensor]
 ) -> float:
-    diff = output_difference(reference, compacted, inputs)
-    if diff <= RELATIVE_TOLERANCE * max(_scale(reference, inputs), 1e-12):
+    same, diff = _matches(reference, compacted, inputs)
+    if same:
         return diff
     bad = [g.name for g in groups if not bool(keeps[g.name].all()) and not _group_compacts(reference, inputs, g, keeps)]
     raise ValueError(
@@ -168,7 +172,7 @@ def _group_compacts(reference: nn.Module, inputs: Any, group: ChannelGroup, keep
         _apply(trial, [group], {group.name: keeps[group.name]}, inputs)
     except ValueError:
         return False
-    return output_difference(reference, trial, inputs) <= RELATIVE_TOLERANCE * max(_scale(reference, inputs), 1e-12)
+    return _matches(reference, trial, inputs)[0]
 
 
 def masked_copy(module: nn.Module) -> nn.Module:
@@ -289,11 +293,12 @@ def compact_to_shapes(
     for g in groups:
         keeps.setdefault(g.name, torch.ones(g.channels, dtype=torch.bool))
     mask_set = MaskSet.of(module)
-    for name, mask in channel_masks(groups, keeps, {n: p.shape for n, p in params.items()}).items():
+    masks = channel_masks(groups, keeps, {n: p.shape for n, p in params.items()})
+    for name, mask in masks.items():
         if name in mask_set:
             mask_set.update(name, mask)
         else:
             mask_set.add(name, params[name], mask)
-    mask_set.apply_to_weights(params, list(channel_masks(groups, keeps, {n: p.shape for n, p in params.items()})))
+    mask_set.apply_to_weights(params, list(masks))
     compact_in_place(module, example_inputs, groups, keeps)
     return True

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-ROLES = ("producer", "bias", "norm_weight", "norm_bias", "consumer", "other")
-
 
 @dataclass(frozen=True)
 class Member:
@@ -178,19 +176,3 @@ def keep_counts(channels: int, round_to: int) -> list[int]:
         counts.append(k)
         k -= round_to
     return counts
-
-
-def shapes_of(params: Mapping[str, Tensor]) -> dict[str, torch.Size]:
-    return {n: p.shape for n, p in params.items()}
-
-
-def check_group_shapes(groups: Iterable[ChannelGroup], shapes: Mapping[str, torch.Size]) -> None:
-    """Every member's index lies within its parameter (a wrong mapping fails here, not as a wrong mask)."""
-    for g in groups:
-        for m in g.members:
-            size = shapes[m.param][m.dim]
-            if len(m.index) and (int(m.index.max()) >= size or int(m.index.min()) < 0):
-                raise ValueError(
-                    f"channel group {g.name!r}: {m.param} dimension {m.dim} has {size} positions, "
-                    f"the group maps up to {int(m.index.max())}."
-                )

@@ -1,4 +1,4 @@
-"""The multiple-choice knapsack of cost-constrained channel pruning (SMCP, Humble et al. ECCV 2022, eq. 4).
+"""The multiple-choice knapsack of cost-constrained channel pruning (SMCP, Humble et al. ECCV 2022).
 
 Each group offers options (keep its top j channels), each with a value (the summed importance of those channels) and a
 cost; exactly one option is chosen per group so that the total value is largest and the total cost stays within the
