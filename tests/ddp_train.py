@@ -6,6 +6,7 @@ Each rank records a fingerprint of its masks after every mask update and writes 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyNet, tiny_loader  # noqa: E402
+from helpers import TinyNet, flop_seconds, tiny_loader  # noqa: E402
 
 from sparse_lightning import (  # noqa: E402
     SET,
@@ -27,6 +28,7 @@ from sparse_lightning import (  # noqa: E402
     masks_of,
 )
 from sparse_lightning.core.masks import MaskSet  # noqa: E402
+from sparse_lightning.structure import latency  # noqa: E402
 
 
 class Record(pl.Callback):
@@ -59,6 +61,12 @@ class DivergentWeights(MFACPruning):
         return masks
 
 
+def rank_seconds(call, device, repeats) -> float:
+    """A timer that disagrees between ranks: only rank 0's table may be used."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return flop_seconds(call, device, repeats, scale=1e-9 * (1 + rank)) + rank * 1e-5
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
@@ -79,6 +87,13 @@ def main(out: Path) -> None:
     elif variant == "smcp":
         model.example_input_array = torch.zeros(2, 16)
         pruning = SoftMaskChannelPruning(sparsity=0.5, importance="taylor_fo", round_to=1, start=1, end=20, every=3)
+    elif variant == "smcp_latency":
+        os.environ["SPARSE_LIGHTNING_CACHE"] = str(out / "cache")
+        latency._seconds = rank_seconds
+        model.example_input_array = torch.zeros(2, 16)
+        pruning = SoftMaskChannelPruning(
+            sparsity=0.5, cost="latency", importance="taylor_fo", round_to=1, start=1, end=20, every=3
+        )
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

@@ -48,3 +48,12 @@ def tiny_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     x = torch.randn(n, 16, generator=g)
     y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def flop_seconds(call, device, repeats, scale: float = 1e-9) -> float:
+    """A deterministic stand-in for the latency table's timer: ``scale`` x the FLOPs ``call`` runs, plus 1 us."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return scale * counter.get_total_flops() + 1e-6

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TinyNet, flop_seconds
 
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 
@@ -66,9 +67,10 @@ def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, va
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
 
 
-@pytest.mark.parametrize("variant", ["channels", "smcp"])
+@pytest.mark.parametrize("variant", ["channels", "smcp", "smcp_latency"])
 def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
-    """ChannelPruning with Taylor scores and SMCP with Taylor importance (both read the averaged gradients)."""
+    """ChannelPruning with Taylor scores and SMCP with Taylor importance (both read the averaged gradients); SMCP
+    under a latency budget with timers that differ between ranks: every rank solves with rank 0's table."""
     result = run_ranks(tmp_path, variant)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -79,6 +81,12 @@ def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
     keeps = ranks[0]["callback_state"]["keeps"]
     assert all(torch.equal(k, ranks[1]["callback_state"]["keeps"][n]) for n, k in keeps.items())
     assert 0 < sum(int(k.sum()) for k in keeps.values()) < 40
+    if variant == "smcp_latency":
+        tables = [r["callback_state"]["latency"] for r in ranks]
+        assert tables[0] == tables[1]
+        model = TinyNet()
+        x = torch.zeros(2, 16)
+        assert tables[0]["total"] == pytest.approx(flop_seconds(lambda: model(x), None, 1))  # rank 0's timer
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), name
         assert not ranks[0]["weights"][name][~mask].any(), name

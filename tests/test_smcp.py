@@ -169,8 +169,6 @@ def test_resume_mid_ramp_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="`cost='latency'` .* is not built yet"):
-        SoftMaskChannelPruning(cost="latency")
     with pytest.raises(ValueError, match="`importance` must be one of"):
         SoftMaskChannelPruning(importance="taylor")
     with pytest.raises(ValueError, match="`ramp` must be one of"):

@@ -104,6 +104,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
     """
 
     scores_gradients = False
+    costs: tuple[str, ...] = COSTS
 
     def __init__(
         self,
@@ -125,7 +126,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
         self.init_schedule(sparsity, initial_sparsity, start, end, every, curve)
-        self.cost = check_choice("cost", cost, COSTS)
+        self.cost = check_choice("cost", cost, self.costs)
         self.criterion = check_choice("criterion", criterion, CRITERIA)
         self.ranking = check_choice("ranking", ranking, RANKINGS)
         self.scores_gradients = criterion == "taylor"

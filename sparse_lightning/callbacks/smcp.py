@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
 
 from sparse_lightning.callbacks.channels import ChannelPruning
 from sparse_lightning.callbacks.registry import register
-from sparse_lightning.core.errors import ConfigError, check_choice
+from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_choice, check_int
 from sparse_lightning.core.masks import check_ranks_agree, fingerprint, is_distributed
 from sparse_lightning.core.plan import Timeline
 from sparse_lightning.core.schedules import TimeValue
 from sparse_lightning.structure.groups import ChannelCost, ChannelGroup, channel_masks, keep_counts, member_sums
 from sparse_lightning.structure.knapsack import multiple_choice_knapsack
+from sparse_lightning.structure.latency import (
+    LatencyCost,
+    LatencyTable,
+    cache_path,
+    latency_key,
+    load_latency_table,
+    measure_latency,
+)
 
 IMPORTANCES = ("weight", "taylor_fo", "taylor_so")
 SOURCES = ("gradient", "optimizer")
@@ -84,11 +95,18 @@ class SoftMaskChannelPruning(ChannelPruning):
       reference evaluates the ramp at whole epochs and reaches the target one epoch after the ramp; here the ramp is
       continuous and reaches it at ``end``.
 
-    ``cost="latency"`` (a measured table) is not built yet and is refused.
+    **Latency.** With ``cost="latency"`` a layer costs its measured forward latency on the training device
+    (:mod:`sparse_lightning.structure.latency`: each Conv/Linear layer timed alone at a grid of ``latency_points``
+    input and output widths, interpolated between them; the rest of the model a constant). The table is measured
+    once, by rank 0, and cached under a name that holds its key (model architecture, input shape, device, torch
+    version, threads); ``latency_table`` names a table file to use instead, refused when it is missing or was
+    measured for another key. The table travels in the checkpoint, so a resumed run solves with the same numbers.
+    Deliberate difference: the reference reads per-(input, output) latencies from a table measured on one GPU (not
+    in its repository); here the grid is coarser and interpolated, so measuring takes seconds, not hours.
 
     Args:
         sparsity: fraction of ``cost`` removed from ``end`` on (the reference's channel ratio), in [0, 1).
-        cost: ``flops`` or ``params``.
+        cost: ``flops``, ``params`` or ``latency``.
         importance: ``weight``, ``taylor_fo`` or ``taylor_so``.
         source: ``gradient`` (this step's) or ``optimizer`` (its moments).
         accumulate: ``latest``, ``average`` or ``momentum`` (with ``momentum``).
@@ -96,8 +114,12 @@ class SoftMaskChannelPruning(ChannelPruning):
         pruned_decay: extra decay on masked weights during the soft phase.
         ramp: ``exp``, ``exp2`` or ``linear``.
         start, end, every: time arguments as everywhere in the plugin.
+        latency_table: with ``cost="latency"``, a table file to use (default: measure once and cache).
+        latency_points: widths per dimension at which each layer is timed.
         include, exclude, log_sparsity: as :class:`ChannelPruning`.
     """
+
+    costs = ("flops", "params", "latency")
 
     def __init__(
         self,
@@ -114,13 +136,12 @@ class SoftMaskChannelPruning(ChannelPruning):
         start: TimeValue = 0.1,
         end: TimeValue = 0.75,
         every: TimeValue = 80,
+        latency_table: str | os.PathLike | None = None,
+        latency_points: int = 6,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log_sparsity: bool = True,
     ) -> None:
-        if cost == "latency":
-            raise ConfigError("`cost='latency'` (a measured latency table) is not built yet; use 'flops' or 'params'.")
-        check_choice("cost", cost, ("flops", "params"))
         super().__init__(
             sparsity,
             cost=cost,
@@ -139,6 +160,12 @@ class SoftMaskChannelPruning(ChannelPruning):
         for name, value in (("momentum", momentum), ("pruned_decay", pruned_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+        if latency_table is not None and cost != "latency":
+            raise ConfigError(f"`latency_table` is for `cost='latency'`; this callback's cost is {cost!r}.")
+        if latency_table is not None and not isinstance(latency_table, (str, os.PathLike)):
+            raise ConfigTypeError(f"`latency_table` must be a path, got {latency_table!r}.")
+        self.latency_table = latency_table
+        self.latency_points = check_int("latency_points", latency_points, minimum=2)
         self.importance, self.source, self.accumulate, self.ramp = importance, source, accumulate, ramp
         self.momentum, self.pruned_decay = float(momentum), float(pruned_decay)
         self.scores_gradients = importance != "weight"
@@ -150,6 +177,8 @@ class SoftMaskChannelPruning(ChannelPruning):
         self.add_state("score_sum", {})
         self.add_state("score_steps", 0)
         self.add_state("returned", 0)
+        self.add_state("latency", {})
+        self._trainer: pl.Trainer | None = None
 
     def describe(self) -> str:
         return (
@@ -237,11 +266,9 @@ class SoftMaskChannelPruning(ChannelPruning):
                 continue
             per_channel = len(m.index) / group.channels
             size = cost.shapes[m.param][m.dim]
-            others = math.prod(
-                cost.kept[(m.param, d)] / cost.shapes[m.param][d] for d in cost.dims[m.param] if d != m.dim
-            )
+            kept = cost.kept_of(m.param)
             for i, j in enumerate(counts):
-                result[i] += cost.weights[m.param] * others * (size - (group.channels - j) * per_channel) / size
+                result[i] += cost.param_cost(m.param, {**kept, m.dim: size - (group.channels - j) * per_channel})
         return result
 
     def _homes(self, cost: ChannelCost) -> dict[str, tuple[str, int]]:
@@ -303,7 +330,7 @@ class SoftMaskChannelPruning(ChannelPruning):
     def _knapsack(self, ratio: float, scores: Mapping[str, Tensor], point: Mapping[str, Tensor]) -> dict[str, Tensor]:
         cost = self._fresh_cost(point)
         homes = self._homes(cost)
-        constant = cost.constant + sum(w for p, w in cost.weights.items() if p not in homes)
+        constant = cost.constant + sum(cost.param_cost(p, cost.kept_of(p)) for p in cost.weights if p not in homes)
         budget = (1 - min(ratio, 1.0)) * cost.dense - constant
         values, costs, orders, options = [], [], [], []
         for g in self.groups:
@@ -326,6 +353,9 @@ class SoftMaskChannelPruning(ChannelPruning):
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage == "fit":
+            self.latency = {}  # measured for this model (a checkpoint's table replaces it when it loads)
         super().setup(trainer, pl_module, stage)
         if (
             stage == "fit"
@@ -333,6 +363,64 @@ class SoftMaskChannelPruning(ChannelPruning):
             and not any(keep_counts(g.channels, self.round_to)[-1] < g.channels for g in self.groups)
         ):
             raise ConfigError(f"No selected group has more than `round_to`={self.round_to} channels to prune.")
+
+    # --- latency -----------------------------------------------------------------------------------------------
+
+    def _make_cost(self, module: nn.Module, dense: float | None) -> ChannelCost:
+        if self.cost != "latency":
+            return super()._make_cost(module, dense)
+        if self._cost_source is None:
+            self._cost_source = self._latency_table(module)
+        shapes = {n: p.shape for n, p in module.named_parameters()}
+        try:
+            return LatencyCost(self.groups, shapes, self._cost_source, dense)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(f"{type(self).__name__}: {err}") from None
+
+    def _latency_table(self, module: nn.Module) -> LatencyTable:
+        """The checkpoint's table, else rank 0's (loaded from ``latency_table`` or the cache, or measured and
+        cached), broadcast to every rank; errors are raised on every rank."""
+        if not self.latency:
+            trainer = self._trainer
+            data: dict[str, Any] | None = None
+            if trainer is None or trainer.is_global_zero:
+                try:
+                    data = self._load_or_measure(module, trainer).to_dict()
+                except ValueError as err:
+                    data = {"error": str(err)}
+            if trainer is not None and trainer.world_size > 1:
+                data = trainer.strategy.broadcast(data, src=0)
+            assert data is not None
+            if "error" in data:
+                raise ConfigError(f"{type(self).__name__}: {data['error']}")
+            self.latency = data
+        return LatencyTable.from_dict(self.latency)
+
+    def _load_or_measure(self, module: nn.Module, trainer: pl.Trainer | None) -> LatencyTable:
+        device = trainer.strategy.root_device if trainer is not None else None
+        inputs = self._inputs
+        if device is not None:
+            inputs = move_data_to_device(inputs, device)
+        key = latency_key(module, inputs, device)
+        if self.latency_table is not None:
+            return load_latency_table(self.latency_table, key)
+        path = cache_path(key)
+        if path.is_file():
+            rank_zero_info(f"{type(self).__name__}: latency table from {path}")
+            return load_latency_table(path, key)
+        table = measure_latency(
+            module, inputs, points=self.latency_points, round_to=self.round_to, device=device, progress=rank_zero_info
+        )
+        table.save(path)
+        rank_zero_info(f"{type(self).__name__}: latency table measured and cached in {path}")
+        return table
+
+    def _load_now(self, state: Mapping[str, Any]) -> None:
+        if self.cost == "latency" and state.get("latency") and state["latency"] != self.latency:
+            self.latency = state["latency"]
+            self._cost_source = None
+            self._cost = self._make_cost(self._traced, None)  # type: ignore[arg-type]
+        super()._load_now(state)
 
     def _soft_masks(self) -> dict[str, Tensor]:
         """The soft masks: only the consumers' input columns of dropped channels (the reference's input-channel

@@ -22,7 +22,7 @@ from sparse_lightning.structure.groups import ChannelGroup, channel_keeps, chann
 from sparse_lightning.structure.tracer import (
     TraceError,
     detach_compiled,
-    eager,
+    evaluating,
     forward,
     remove_channels,
     trace_groups,
@@ -37,14 +37,8 @@ def count_flops(module: nn.Module, example_inputs: Any) -> tuple[int, dict[str, 
     """FLOPs of one forward on ``example_inputs`` (``torch.utils.flop_counter``, eval mode, no grad): the total and
     the FLOPs of each layer by module name."""
     module = unwrap(module)
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad(), eager(module), FlopCounterMode(display=False) as counter:
-            forward(module, example_inputs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with torch.no_grad(), evaluating(module), FlopCounterMode(display=False) as counter:
+        forward(module, example_inputs)
     per_layer = {}
     for key, counts in counter.get_flop_counts().items():
         if key == "Global" or "." not in key:
@@ -61,14 +55,8 @@ def layer_flops(module: nn.Module, example_inputs: Any) -> tuple[int, dict[str, 
 
 
 def _outputs(module: nn.Module, example_inputs: Any) -> list[Tensor]:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad(), eager(module):
-            out = forward(module, example_inputs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with torch.no_grad(), evaluating(module):
+        out = forward(module, example_inputs)
     flat: list[Tensor] = []
 
     def collect(value: Any) -> None:

@@ -137,13 +137,18 @@ class ChannelCost:
         self.dense = self.total if dense is None else float(dense)
         """The cost of the dense model that fractions refer to (differs from ``total`` once a model is compacted)."""
 
-    def density(self, param: str) -> float:
-        return math.prod(self.kept[(param, d)] / self.shapes[param][d] for d in self.dims[param])
+    def param_cost(self, param: str, kept: Mapping[int, float]) -> float:
+        """The cost of ``param`` with ``kept[d]`` positions kept along each of its group dimensions ``d``: its
+        weight times its density prod_d kept_d / size_d."""
+        return self.weights[param] * math.prod(kept[d] / self.shapes[param][d] for d in self.dims[param])
+
+    def kept_of(self, param: str) -> dict[int, float]:
+        return {d: self.kept[(param, d)] for d in self.dims[param]}
 
     def current(self) -> float:
         if self.kind == "channels":
             return float(sum(self.channels_kept.values()))
-        return self.constant + sum(w * self.density(p) for p, w in self.weights.items())
+        return self.constant + sum(self.param_cost(p, self.kept_of(p)) for p in self.weights)
 
     def removed_fraction(self) -> float:
         return 1.0 - self.current() / self.dense if self.dense else 0.0

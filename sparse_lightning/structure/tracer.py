@@ -82,6 +82,19 @@ def forward(module: nn.Module, inputs: Any) -> Any:
 
 
 @contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode and its own eager ``forward`` inside; every train/eval flag restored afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with eager(module):
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextmanager
 def _guarded(module: nn.Module, what: str) -> Iterator[None]:
     """Grad enabled, train/eval flags restored afterwards, foreign exceptions turned into :class:`TraceError`."""
     modes = {m: m.training for m in module.modules()}
