@@ -1,10 +1,11 @@
 """Accuracy at equal FLOPs on MNIST-1D: ChannelPruning (l1, taylor), Lightning's ModelPruning (ln_structured),
 Torch-Pruning's own iterative pruner, and dense.
 
-    python benchmarks/channel_accuracy.py [--seeds 3] [--workers 2] [--epochs 100] [--methods ...] [--append]
+    python benchmarks/channel_accuracy.py [--channels 128] [--seeds 3] [--workers 2] [--epochs 100] [--methods ...]
+        [--append]
 
-The wide MNIST-1D CNN (128 channels), Adam 1e-2, batch 100, final test accuracy on the 1000 test samples. Every
-pruning method works over the same window (epochs 10% to 60% of training):
+The wide MNIST-1D CNN (``--channels 128``) or the paper's CNN (``--channels 25``), Adam 1e-2, batch 100, final test
+accuracy on the 1000 test samples. Every pruning method works over the same window (epochs 10% to 60% of training):
 
 - ``ChannelPruning``: ``cost="flops"``, global ranking, cubic curve, an event every 40 optimizer steps; masks during
   training, then ``sparse_lightning.compact`` (the compacted model's accuracy is measured too and must equal it).
@@ -35,7 +36,7 @@ LEVELS = (0.5, 0.7)
 METHODS = ("dense", "l1", "taylor", "smcp-weight", "smcp-taylor_fo", "modelpruning", "torch-pruning")
 
 
-def uniform_channels(level: float, channels: int = 128) -> int:
+def uniform_channels(level: float, channels: int) -> int:
     """Channels removed from each convolution so that removing them takes away at least ``level`` of the FLOPs."""
     import torch
 
@@ -69,7 +70,8 @@ def run(config: dict) -> dict:
 
     torch.set_num_threads(1)
     pl.seed_everything(config["seed"], verbose=False)
-    model = MNIST1DCNN(channels=128)
+    channels = config["channels"]
+    model = MNIST1DCNN(channels=channels)
     epochs, level, method = config["epochs"], config["level"], config["method"]
     start_ep, end_ep = round(0.1 * epochs), round(0.6 * epochs)
     data = MNIST1DDataModule()
@@ -107,11 +109,11 @@ def run(config: dict) -> dict:
     elif method == "modelpruning":
         from lightning.pytorch.callbacks import ModelPruning
 
-        k = uniform_channels(level)
+        k = uniform_channels(level, channels)
         convs = [(m, "weight") for m in (model.net.conv1, model.net.conv2, model.net.conv3)]
 
         def count(epoch: int) -> int:
-            return round(sparsity_at(epoch, start_ep, end_ep, 0.0, k / 128, "cubic") * 128)
+            return round(sparsity_at(epoch, start_ep, end_ep, 0.0, k / channels, "cubic") * channels)
 
         def amount(epoch: int) -> int:
             return max(0, count(epoch + 1) - count(epoch)) if start_ep <= epoch + 1 <= end_ep else 0
@@ -131,7 +133,7 @@ def run(config: dict) -> dict:
     elif method == "torch-pruning":
         import torch_pruning as tp
 
-        ratio = uniform_channels(level) / 128
+        ratio = uniform_channels(level, channels) / channels
         pruner = tp.pruner.MetaPruner(
             model.net,
             torch.zeros(1, 40),
@@ -156,7 +158,7 @@ def run(config: dict) -> dict:
         flops_ratio = report["flops_after"] / report["flops_before"]
     else:
         small = model
-        dense_flops = count_flops(MNIST1DCNN(channels=128), x)[0]
+        dense_flops = count_flops(MNIST1DCNN(channels=channels), x)[0]
         flops_ratio = count_flops(model, x)[0] / dense_flops if method != "modelpruning" else float("nan")
     data.setup("test")
     accuracy = evaluate(model, data.test_dataloader())
@@ -179,7 +181,9 @@ def _typed(row: dict) -> dict:
     out: dict = {}
     for k, v in row.items():
         try:
-            out[k] = int(v) if k in ("seed", "epochs", "conv_filters", "zero_filters", "returned") else float(v)
+            out[k] = (
+                int(v) if k in ("seed", "epochs", "channels", "conv_filters", "zero_filters", "returned") else float(v)
+            )
         except (TypeError, ValueError):
             out[k] = v
     return out
@@ -199,15 +203,17 @@ def evaluate(model, loader) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--channels", type=int, default=128, choices=(25, 128))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--append", action="store_true", help="keep the other methods' rows of the existing CSV")
     args = parser.parse_args()
-    configs = [{"method": "dense", "level": 0.0, "seed": s, "epochs": args.epochs} for s in range(args.seeds)]
+    base = {"channels": args.channels, "epochs": args.epochs}
+    configs = [{"method": "dense", "level": 0.0, "seed": s, **base} for s in range(args.seeds)]
     configs += [
-        {"method": m, "level": level, "seed": s, "epochs": args.epochs}
+        {"method": m, "level": level, "seed": s, **base}
         for level in LEVELS
         for m in args.methods
         if m != "dense"
@@ -220,17 +226,18 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if args.append and (RESULTS / "channel_accuracy.csv").is_file():
         with open(RESULTS / "channel_accuracy.csv") as f:
-            kept = [_typed(r) for r in csv.DictReader(f) if r["method"] not in args.methods]
+            rows = [_typed(r) for r in csv.DictReader(f)]
+        kept = [r for r in rows if r["method"] not in args.methods or r["channels"] != args.channels]
         results = kept + results
     with open(RESULTS / "channel_accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[-1]))
+        writer = csv.DictWriter(f, fieldnames=list(results[-1]), restval="")
         writer.writeheader()
         writer.writerows(results)
-    write_doc(results, args)
+    write_doc(results)
 
 
-def write_doc(results: list[dict], args: argparse.Namespace) -> None:
-    from _report import mean_spread, table
+def write_doc(results: list[dict]) -> None:
+    from _report import table
 
     names = {
         "dense": "dense",
@@ -242,39 +249,45 @@ def write_doc(results: list[dict], args: argparse.Namespace) -> None:
         "torch-pruning": "Torch-Pruning MetaPruner (L1 group)",
     }
     rows = []
-    for level in (0.0, *LEVELS):
-        for method, label in names.items():
-            runs = [r for r in results if r["method"] == method and r["level"] == level]
-            if not runs:
-                continue
-            ratios = [r["flops_ratio"] for r in runs if not math.isnan(r["flops_ratio"])]
-            same = all(r["acc"] == r["compact_acc"] for r in runs)
-            rows.append(
-                [
-                    f"{level:.0%}",
-                    label,
-                    mean_spread([r["acc"] for r in runs]),
-                    f"{statistics.mean(ratios):.3f}" if ratios else "- (not compactable)",
-                    ("yes" if same else "NO") if method in ("l1", "taylor") or method.startswith("smcp") else "-",
-                    f"{statistics.mean(r['conv_filters'] - r['zero_filters'] for r in runs):.0f} of 384",
-                    f"{statistics.mean(int(r.get('returned') or 0) for r in runs):.0f}"
-                    if method.startswith("smcp")
-                    else "-",
+    for channels, model in ((128, "wide CNN (128)"), (25, "paper CNN (25)")):
+        for level in (0.0, *LEVELS):
+            for method, label in names.items():
+                runs = [
+                    r for r in results if r["method"] == method and r["level"] == level and r["channels"] == channels
                 ]
-            )
-    header = ["FLOPs removed", "method", "test acc % (mean ± sd)", "FLOPs ratio", "compacted acc = masked"]
+                if runs:
+                    rows.append(_row(model, level, method, label, runs))
+    header = ["model", "FLOPs removed", "method", "test acc % (mean ± sd)", "FLOPs ratio", "compacted acc = masked"]
     text = table([*header, "conv filters left (non-zero)", "channels returned (soft masks)"], rows)
     from _report import write_section
 
-    command = f"python benchmarks/channel_accuracy.py --seeds {args.seeds} --epochs {args.epochs}"
-    if args.append:
-        command += f" --methods {' '.join(args.methods)} --append` (the other rows: an earlier run of `{command}"
+    commands = sorted({f"python benchmarks/channel_accuracy.py --channels {r['channels']}" for r in results})
     write_section(
         "channel-accuracy",
         "## Channel pruning: accuracy at equal FLOPs on MNIST-1D\n\n"
-        f"Command: `{command}` ({args.seeds} seeds, 1 thread each).\n\n{text}",
+        f"Commands: {', '.join(f'`{c} --seeds 3 --epochs 100`' for c in commands)} (3 seeds, 1 thread each; the "
+        "SMCP rows of the wide CNN were added later by `--methods smcp-weight smcp-taylor_fo --append`).\n\n"
+        f"{text}",
     )
     print(text)
+
+
+def _row(model: str, level: float, method: str, label: str, runs: list[dict]) -> list[str]:
+    from _report import mean_spread
+
+    ratios = [r["flops_ratio"] for r in runs if not math.isnan(r["flops_ratio"])]
+    same = all(r["acc"] == r["compact_acc"] for r in runs)
+    compacted = method in ("l1", "taylor") or method.startswith("smcp")
+    return [
+        model,
+        f"{level:.0%}",
+        label,
+        mean_spread([r["acc"] for r in runs]),
+        f"{statistics.mean(ratios):.3f}" if ratios else "- (not compactable)",
+        ("yes" if same else "NO") if compacted else "-",
+        f"{statistics.mean(r['conv_filters'] - r['zero_filters'] for r in runs):.0f} of {runs[0]['conv_filters']}",
+        f"{statistics.mean(int(r.get('returned') or 0) for r in runs):.0f}" if method.startswith("smcp") else "-",
+    ]
 
 
 if __name__ == "__main__":
