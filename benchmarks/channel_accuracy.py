@@ -285,7 +285,7 @@ def _row(model: str, level: float, method: str, label: str, runs: list[dict]) ->
         mean_spread([r["acc"] for r in runs]),
         f"{statistics.mean(ratios):.3f}" if ratios else "- (not compactable)",
         ("yes" if same else "NO") if compacted else "-",
-        f"{statistics.mean(r['conv_filters'] - r['zero_filters'] for r in runs):.0f} of {runs[0]['conv_filters']}",
+        f"{statistics.mean(r['conv_filters'] - r['zero_filters'] for r in runs):.0f} of {3 * runs[0]['channels']}",
         f"{statistics.mean(int(r.get('returned') or 0) for r in runs):.0f}" if method.startswith("smcp") else "-",
     ]
 

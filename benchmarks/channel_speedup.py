@@ -99,15 +99,20 @@ def torch_pruning_alone(make, shape: tuple[int, ...], level: float) -> torch.nn.
     return model
 
 
-def measure(models: list, x, backward: bool, rounds: int, iterations: int) -> list[float]:
-    """Per model after the first (dense), the median over rounds of dense time / its time; the order rotates."""
-    ratios: list[list[float]] = [[] for _ in models[1:]]
+def round_times(models: list, x, backward: bool, rounds: int, iterations: int) -> list[list[float]]:
+    """Per round, each model's seconds per call; the order rotates from round to round."""
+    result = []
     for r in range(rounds):
-        order = models[r % len(models) :] + models[: r % len(models)]
-        times = {id(m): seconds(m, x, backward, iterations) for m in order}
-        for i, m in enumerate(models[1:]):
-            ratios[i].append(times[id(models[0])] / times[id(m)])
-    return [statistics.median(r) for r in ratios]
+        order = list(range(r % len(models), len(models))) + list(range(r % len(models)))
+        times = {i: seconds(models[i], x, backward, iterations) for i in order}
+        result.append([times[i] for i in range(len(models))])
+    return result
+
+
+def measure(models: list, x, backward: bool, rounds: int, iterations: int) -> list[float]:
+    """Per model after the first (dense), the median over rounds of dense time / its time."""
+    times = round_times(models, x, backward, rounds, iterations)
+    return [statistics.median(t[0] / t[i] for t in times) for i in range(1, len(models))]
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ChannelPruning": "sparse_lightning.callbacks",
     "ConstantMask": "sparse_lightning.callbacks",
+    "EarlyCroP": "sparse_lightning.callbacks",
     "GaP": "sparse_lightning.callbacks",
     "GradualMagnitudePruning": "sparse_lightning.callbacks",
     "MFACPreconditioner": "sparse_lightning.callbacks",
@@ -34,6 +35,7 @@ __all__ = [
     "SNIP",
     "ChannelPruning",
     "ConstantMask",
+    "EarlyCroP",
     "GaP",
     "GradualMagnitudePruning",
     "MFACPreconditioner",
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
         SNIP,
         ChannelPruning,
         ConstantMask,
+        EarlyCroP,
         GaP,
         GradualMagnitudePruning,
         MFACPreconditioner,

@@ -195,7 +195,7 @@ def print_fit_summary(trainer: Any, datamodule: Any, loaded: Any) -> None:
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    from sparse_lightning.callbacks.channels import ChannelPruning
+    from sparse_lightning.callbacks.channels import ChannelMethod
     from sparse_lightning.callbacks.monitor import weight_sparsities
     from sparse_lightning.core.masks import masks_of
 
@@ -222,7 +222,7 @@ def print_fit_summary(trainer: Any, datamodule: Any, loaded: Any) -> None:
     for name, value in per_layer.items():
         lines.append(f"     {name:<38s} {tuple(params[name].shape)!s:>16s}  {value:.4f}")
     for callback in trainer.callbacks:
-        if isinstance(callback, ChannelPruning) and callback.groups:
+        if isinstance(callback, ChannelMethod) and callback.groups:
             kept = ", ".join(f"{g.name} {int(callback.keeps[g.name].sum())}/{g.channels}" for g in callback.groups)
             lines.append(
                 f"   {callback.cost + ' removed':<22s} {callback.removed_fraction:.4f} (channels kept: {kept})"

@@ -3,6 +3,7 @@
 from sparse_lightning.callbacks.base import SparsityCallback
 from sparse_lightning.callbacks.channels import ChannelPruning
 from sparse_lightning.callbacks.dst import SET, RigL, StaticRandomMask
+from sparse_lightning.callbacks.earlycrop import EarlyCroP
 from sparse_lightning.callbacks.gap import GaP
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
 from sparse_lightning.callbacks.mfac import MFACPreconditioner, MFACPruning
@@ -15,6 +16,7 @@ __all__ = [
     "METHODS",
     "ChannelPruning",
     "ConstantMask",
+    "EarlyCroP",
     "GaP",
     "GradualMagnitudePruning",
     "MFACPreconditioner",

@@ -61,75 +61,33 @@ def example_inputs_of(trainer: pl.Trainer | None, module: pl.LightningModule, ow
 
 
 @register("channel_pruning")
-class ChannelPruning(GradualSchedule, SparsityCallback):
-    """Gradual channel pruning: whole channel groups leave on the schedule of Zhu & Gupta 2017.
-
-    Channel groups come from :mod:`sparse_lightning.structure` (torch-pruning's dependency graph): a group's
-    channels are a layer's output rows and bias, its normalization channels, every consumer's input columns and all
-    producers of one residual sum, masked together so that the masked model computes exactly what the compacted one
-    computes. Groups whose channels reach the model's outputs, and groups holding LayerNorm, GroupNorm, attention,
-    recurrent or grouped (non-depthwise) convolution layers, are never pruned.
-
-    At every event the target fraction of ``cost`` removed follows ``curve`` from ``initial_sparsity`` to
-    ``sparsity`` between ``start`` and ``end`` (dropped channels never return). Channels are scored by
-    ``criterion`` (:mod:`sparse_lightning.structure.selection`: ``l1`` Li et al. 2017, ``l2``, ``taylor`` Molchanov
-    et al. 2019) and, with ``ranking="global"``, ranked across groups after dividing each group's scores by the mean
-    over its kept channels (raw L1 norms grow with fan-in, so unnormalized global ranking empties the narrowest
-    layers first; the Taylor paper ranks raw scores globally); ``"uniform"`` removes the same fraction from every
-    group. Channels leave ``round_to`` at a time, so kept counts stay multiples of ``round_to``; at least
-    ``round_to`` (at least one) channel stays in every group. The cost reaches its target within one chunk of
-    channels (``flops`` and ``params`` are exact under channel masks; see :class:`~.groups.ChannelCost`).
-
-    ``sparse_lightning.compact`` (or ``sparse-lightning export --compact``) removes the masked channels after
-    training. With ``compact_during_fit=True`` (single device only) they are removed from the training module after
-    each event: the optimizer keeps its object and learning-rate scheduler, each surviving entry keeps its state
-    (momentum, Adam moments), and a run resumed from a checkpoint is compacted to the checkpoint's shapes before its
-    weights load.
+class ChannelMethod(SparsityCallback):
+    """The plumbing of every channel method: channel groups traced from example inputs and selected by
+    ``include``/``exclude``, a cost model (``cost``), channel masks ``keeps`` as checkpoint state, and compaction of
+    the training module during ``fit`` (optimizer state carried over; a resumed run is compacted to the checkpoint's
+    shapes before its weights load). A subclass decides which channels go and when (:meth:`compute_masks`).
 
     Example inputs for tracing: the LightningModule's ``example_input_array``, else the first training batch's input.
-
-    Args:
-        sparsity: fraction of ``cost`` removed at ``end``, in [0, 1).
-        cost: ``channels`` (of the selected groups), ``flops`` (one forward, ``torch.utils.flop_counter``) or
-            ``params`` (of the whole model).
-        criterion: ``l1``, ``l2`` or ``taylor``.
-        ranking: ``global`` or ``uniform``.
-        round_to: kept channel counts are multiples of this (8 suits tensor cores); default 1.
-        initial_sparsity, start, end, every, curve: the schedule, as :class:`GradualMagnitudePruning`'s.
-        include, exclude: patterns on the names of a group's producer parameters (the weights and biases whose
-            output channels the group holds, and its norms): a group is selected when one of them matches
-            ``include`` (default: every group that can be pruned) and none matches ``exclude``.
-        compact_during_fit: remove masked channels from the training module after each event (single device).
-        log_sparsity: log through the shared helper; each event also logs ``channels/<cost>_removed``.
     """
 
     scores_gradients = False
     costs: tuple[str, ...] = COSTS
+    sparsity: float
+    updates_in_steps = True
+    """Whether masks change in a training step (logged per step) or at an epoch end (logged per epoch)."""
 
     def __init__(
         self,
-        sparsity: float = 0.5,
         *,
         cost: str = "flops",
-        criterion: str = "l1",
-        ranking: str = "global",
         round_to: int = 1,
-        initial_sparsity: float = 0.0,
-        start: TimeValue = 0,
-        end: TimeValue = 0.75,
-        every: TimeValue = 100,
-        curve: str = "cubic",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         compact_during_fit: bool = False,
         log_sparsity: bool = True,
     ) -> None:
         super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
-        self.init_schedule(sparsity, initial_sparsity, start, end, every, curve)
         self.cost = check_choice("cost", cost, self.costs)
-        self.criterion = check_choice("criterion", criterion, CRITERIA)
-        self.ranking = check_choice("ranking", ranking, RANKINGS)
-        self.scores_gradients = criterion == "taylor"
         self.round_to = check_int("round_to", round_to, minimum=1)
         if not isinstance(compact_during_fit, bool):
             raise ConfigTypeError(f"`compact_during_fit` must be a bool, got {compact_during_fit!r}.")
@@ -138,12 +96,10 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         self._inputs: Any = None
         self._cost: ChannelCost | None = None
         self._traced: nn.Module | None = None
-        self._cost_source: tuple[float, dict[str, float]] | None = None
+        self._cost_source: Any = None
         self.compacted_positions: dict[str, dict[int, Tensor]] = {}
         """Per parameter the last compaction during fit resized, per dimension, the positions that survived."""
         self.add_state("keeps", {})
-        self.add_state("taylor_sum", {})
-        self.add_state("taylor_steps", 0)
 
     # --- groups ------------------------------------------------------------------------------------------------
 
@@ -240,7 +196,7 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
 
     def describe(self) -> str:
         """How channels are chosen, for the plan."""
-        return f"{self.criterion} criterion, {self.ranking} ranking"
+        raise NotImplementedError
 
     # --- hooks -------------------------------------------------------------------------------------------------
 
@@ -250,9 +206,9 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         check_strategy(trainer, type(self).__name__)
         if self.compact_during_fit and (trainer.world_size > 1 or is_distributed()):
             raise ConfigError(
-                "ChannelPruning(compact_during_fit=True) needs a single device: under DDP every rank's module would "
-                "have to be rebuilt together. Keep the masks (compact_during_fit=False) and compact after training "
-                "with `sparse_lightning.compact` or `sparse-lightning export --compact`."
+                f"{type(self).__name__}(compact_during_fit=True) needs a single device: under DDP every rank's module "
+                "would have to be rebuilt together. Keep the masks (compact_during_fit=False) and compact after "
+                "training with `sparse_lightning.compact` or `sparse-lightning export --compact`."
             )
         self._cost = None
         self.build_groups(pl_module, example_inputs_of(trainer, pl_module, type(self).__name__))
@@ -275,6 +231,128 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self.keeps = {n: k.cpu() for n, k in self.keeps.items()}
+
+    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        super().update_masks(trainer, pl_module, step)
+        if self.log_sparsity:
+            on_step = self.updates_in_steps
+            pl_module.log(f"channels/{self.cost}_removed", self.removed_fraction, on_step=on_step, on_epoch=not on_step)
+        if self.compact_during_fit and not all(bool(k.all()) for k in self.keeps.values()):
+            self._compact(trainer, pl_module)
+
+    @property
+    def removed_fraction(self) -> float:
+        """The fraction of ``cost`` the current channel masks (and compactions) remove."""
+        return self._cost.removed_fraction() if self._cost is not None else 0.0
+
+    # --- compaction during fit ---------------------------------------------------------------------------------
+
+    def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        old = dict(pl_module.named_parameters())
+        positions = self.compacted_positions = compact_in_place(pl_module, self._inputs, self.groups, self.keeps)
+        new = dict(pl_module.named_parameters())
+        for optimizer in trainer.optimizers:
+            carry_optimizer_state(optimizer, old, new, positions)
+        self._retrace(pl_module)
+
+    def _retrace(self, pl_module: pl.LightningModule) -> None:
+        self.build_groups(pl_module, self._inputs, check=False)
+        self.keeps = {g.name: torch.ones(g.channels, dtype=torch.bool) for g in self.groups}
+        self.reset_scores()
+        params = self.params()
+        for name in self.names:
+            self.mask_set.add(name, params[name])
+
+    def reset_scores(self) -> None:
+        """Forget scores accumulated for the channels of the module before a compaction."""
+
+    def _match_shapes(self, module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *args: Any) -> None:
+        """Before a checkpoint's weights load: compact the module to the checkpoint's channel counts."""
+        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if compact_to_shapes(module, self._inputs, state, self.groups):
+            self._retrace(module)  # type: ignore[arg-type]
+
+
+class ChannelPruning(GradualSchedule, ChannelMethod):
+    """Gradual channel pruning: whole channel groups leave on the schedule of Zhu & Gupta 2017.
+
+    Channel groups come from :mod:`sparse_lightning.structure` (torch-pruning's dependency graph): a group's
+    channels are a layer's output rows and bias, its normalization channels, every consumer's input columns and all
+    producers of one residual sum, masked together so that the masked model computes exactly what the compacted one
+    computes. Groups whose channels reach the model's outputs, and groups holding LayerNorm, GroupNorm, attention,
+    recurrent or grouped (non-depthwise) convolution layers, are never pruned.
+
+    At every event the target fraction of ``cost`` removed follows ``curve`` from ``initial_sparsity`` to
+    ``sparsity`` between ``start`` and ``end`` (dropped channels never return). Channels are scored by
+    ``criterion`` (:mod:`sparse_lightning.structure.selection`: ``l1`` Li et al. 2017, ``l2``, ``taylor`` Molchanov
+    et al. 2019) and, with ``ranking="global"``, ranked across groups after dividing each group's scores by the mean
+    over its kept channels (raw L1 norms grow with fan-in, so unnormalized global ranking empties the narrowest
+    layers first; the Taylor paper ranks raw scores globally); ``"uniform"`` removes the same fraction from every
+    group. Channels leave ``round_to`` at a time, so kept counts stay multiples of ``round_to``; at least
+    ``round_to`` (at least one) channel stays in every group. The cost reaches its target within one chunk of
+    channels (``flops`` and ``params`` are exact under channel masks; see :class:`~.groups.ChannelCost`).
+
+    ``sparse_lightning.compact`` (or ``sparse-lightning export --compact``) removes the masked channels after
+    training. With ``compact_during_fit=True`` (single device only) they are removed from the training module after
+    each event: the optimizer keeps its object and learning-rate scheduler, each surviving entry keeps its state
+    (momentum, Adam moments), and a run resumed from a checkpoint is compacted to the checkpoint's shapes before its
+    weights load.
+
+    Example inputs for tracing: the LightningModule's ``example_input_array``, else the first training batch's input.
+
+    Args:
+        sparsity: fraction of ``cost`` removed at ``end``, in [0, 1).
+        cost: ``channels`` (of the selected groups), ``flops`` (one forward, ``torch.utils.flop_counter``) or
+            ``params`` (of the whole model).
+        criterion: ``l1``, ``l2`` or ``taylor``.
+        ranking: ``global`` or ``uniform``.
+        round_to: kept channel counts are multiples of this (8 suits tensor cores); default 1.
+        initial_sparsity, start, end, every, curve: the schedule, as :class:`GradualMagnitudePruning`'s.
+        include, exclude: patterns on the names of a group's producer parameters (the weights and biases whose
+            output channels the group holds, and its norms): a group is selected when one of them matches
+            ``include`` (default: every group that can be pruned) and none matches ``exclude``.
+        compact_during_fit: remove masked channels from the training module after each event (single device).
+        log_sparsity: log through the shared helper; each event also logs ``channels/<cost>_removed``.
+    """
+
+    scores_gradients = False
+    costs: tuple[str, ...] = COSTS
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        *,
+        cost: str = "flops",
+        criterion: str = "l1",
+        ranking: str = "global",
+        round_to: int = 1,
+        initial_sparsity: float = 0.0,
+        start: TimeValue = 0,
+        end: TimeValue = 0.75,
+        every: TimeValue = 100,
+        curve: str = "cubic",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        compact_during_fit: bool = False,
+        log_sparsity: bool = True,
+    ) -> None:
+        super().__init__(
+            cost=cost,
+            round_to=round_to,
+            include=include,
+            exclude=exclude,
+            compact_during_fit=compact_during_fit,
+            log_sparsity=log_sparsity,
+        )
+        self.init_schedule(sparsity, initial_sparsity, start, end, every, curve)
+        self.criterion = check_choice("criterion", criterion, CRITERIA)
+        self.ranking = check_choice("ranking", ranking, RANKINGS)
+        self.scores_gradients = criterion == "taylor"
+        self.add_state("taylor_sum", {})
+        self.add_state("taylor_steps", 0)
+
+    def describe(self) -> str:
+        return f"{self.criterion} criterion, {self.ranking} ranking"
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -307,41 +385,8 @@ class ChannelPruning(GradualSchedule, SparsityCallback):
         self.taylor_sum, self.taylor_steps = {}, 0
         return channel_masks(self.groups, self.keeps, {n: params[n].shape for n in self.names})
 
-    def update_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        super().update_masks(trainer, pl_module, step)
-        if self.log_sparsity:
-            pl_module.log(f"channels/{self.cost}_removed", self.removed_fraction, on_step=True, on_epoch=False)
-        if self.compact_during_fit and not all(bool(k.all()) for k in self.keeps.values()):
-            self._compact(trainer, pl_module)
-
-    @property
-    def removed_fraction(self) -> float:
-        """The fraction of ``cost`` the current channel masks (and compactions) remove."""
-        return self._cost.removed_fraction() if self._cost is not None else 0.0
-
-    # --- compaction during fit ---------------------------------------------------------------------------------
-
-    def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        old = dict(pl_module.named_parameters())
-        positions = self.compacted_positions = compact_in_place(pl_module, self._inputs, self.groups, self.keeps)
-        new = dict(pl_module.named_parameters())
-        for optimizer in trainer.optimizers:
-            carry_optimizer_state(optimizer, old, new, positions)
-        self._retrace(pl_module)
-
-    def _retrace(self, pl_module: pl.LightningModule) -> None:
-        self.build_groups(pl_module, self._inputs, check=False)
-        self.keeps = {g.name: torch.ones(g.channels, dtype=torch.bool) for g in self.groups}
+    def reset_scores(self) -> None:
         self.taylor_sum, self.taylor_steps = {}, 0
-        params = self.params()
-        for name in self.names:
-            self.mask_set.add(name, params[name])
-
-    def _match_shapes(self, module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *args: Any) -> None:
-        """Before a checkpoint's weights load: compact the module to the checkpoint's channel counts."""
-        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if compact_to_shapes(module, self._inputs, state, self.groups):
-            self._retrace(module)  # type: ignore[arg-type]
 
 
 def carry_optimizer_state(
@@ -368,7 +413,3 @@ def carry_optimizer_state(
                     for k, v in state.items()
                 }
             group["params"][i] = replacement
-
-
-def _shaped_like(value: Any, param: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.shape == param.shape

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.channels import ChannelPruning
+from sparse_lightning.callbacks.channels import ChannelMethod, ChannelPruning
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_choice, check_int
 from sparse_lightning.core.masks import check_ranks_agree, fingerprint, is_distributed
@@ -493,7 +493,7 @@ class SoftMaskChannelPruning(ChannelPruning):
             self.score_sum, self.score_steps = {}, 0
         before = {n: k.clone() for n, k in self.keeps.items()}
         if step >= self.end_step:
-            super(ChannelPruning, self).update_masks(trainer, pl_module, step)  # hard: the engine's masks
+            super(ChannelMethod, self).update_masks(trainer, pl_module, step)  # hard: the engine's masks
             self.hard = True
         else:
             self.keeps = self.solve(self.target_at(step), self.scores(self.params()))
@@ -513,6 +513,6 @@ class SoftMaskChannelPruning(ChannelPruning):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.hard and self.last_update_step >= 0:  # stopped early: harden what was reached
-            super(ChannelPruning, self).update_masks(trainer, pl_module, trainer.global_step)
+            super(ChannelMethod, self).update_masks(trainer, pl_module, trainer.global_step)
             self.hard = True
         super().on_fit_end(trainer, pl_module)

@@ -123,7 +123,7 @@ def latency_key(module: nn.Module, inputs: Any, device: torch.device | None = No
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     architecture = repr(module) + repr([(n, tuple(p.shape)) for n, p in module.named_parameters()])
     key = {
-        "model": f"{type(module).__qualname__}:{hashlib.sha256(architecture.encode()).hexdigest()[:16]}",
+        "model": f"{type(module).__name__}:{hashlib.sha256(architecture.encode()).hexdigest()[:16]}",
         "input_shape": _shapes(inputs),
         "device": device_name(device),
         "torch": str(torch.__version__),

@@ -84,11 +84,13 @@ def select_channels(
     target: float,
     round_to: int = 1,
     ranking: str = "global",
+    normalize: bool = True,
 ) -> dict[str, Tensor]:
     """New channel masks that remove at least ``target`` of the cost, dropped channels staying dropped.
 
-    ``global``: chunks of channels (``round_to`` at a time, lowest normalized score first within a group) leave in
-    order of their mean normalized score until the cost target is met. ``uniform``: every group keeps the same
+    ``global``: chunks of channels (``round_to`` at a time, lowest score first within a group) leave in order of
+    their mean score, each group's scores :func:`normalized` unless ``normalize`` is False, until the cost target
+    is met. ``uniform``: every group keeps the same
     fraction of its channels (the smallest fraction meeting the target, found by bisection). ``cost`` is updated.
     """
     keeps = {g.name: keeps[g.name].clone() for g in groups}
@@ -98,7 +100,7 @@ def select_channels(
         return _uniform(groups, scores, keeps, cost, target, round_to)
     candidates = []
     for gi, g in enumerate(groups):
-        norm = normalized(scores[g.name], keeps[g.name])
+        norm = normalized(scores[g.name], keeps[g.name]) if normalize else scores[g.name]
         for ci, chunk in enumerate(_chunks(keeps[g.name], norm, round_to)):
             candidates.append((float(norm[chunk].mean()), ci, gi, chunk))
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
