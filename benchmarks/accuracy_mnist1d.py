@@ -81,6 +81,11 @@ def run(config: dict) -> dict:
             )
     elif config["method"] == "modelpruning":
         callbacks.append(modelpruning_callback(model, sparsity, start_ep, end_ep))
+    elif config["method"].startswith("earlycrop"):
+        from sparse_lightning import EarlyCroP
+
+        steps = int(config["method"].split("-steps")[1]) if "-steps" in config["method"] else 100
+        callbacks.append(EarlyCroP(sparsity=sparsity, steps=steps, log_sparsity=False))
     trainer = pl.Trainer(
         max_epochs=epochs,
         **QUIET_TRAINER,
@@ -93,11 +98,20 @@ def run(config: dict) -> dict:
     seconds = time.perf_counter() - began
     acc = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
     zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
-    return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds}
+    event = ""
+    if config["method"].startswith("earlycrop"):
+        crop = callbacks[0]
+        step_seconds = seconds / trainer.global_step
+        event = (
+            f"epoch {crop.pruned_epoch} ({crop.trigger}); {crop.rescorings} scorings, {crop.prune_seconds:.1f} s "
+            f"= {crop.prune_seconds / step_seconds:.0f} steps"
+        )
+    return {**config, "test_acc": 100 * acc, "achieved": zeros / total, "seconds": seconds, "event": event}
 
 
 DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "set-er", "snip", "gap")
-METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", *DST)
+EARLYCROP = ("earlycrop", "earlycrop-steps10", "earlycrop-steps0")
+METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", *DST, *EARLYCROP)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
 
@@ -156,9 +170,9 @@ def main() -> None:
         with out_csv.open() as f:
             merged = {key(r): r for r in csv.DictReader(f)}
     merged.update({key(r): r for r in rows})
-    fields = ["channels", "epochs", "method", "sparsity", "seed", "test_acc", "achieved", "seconds"]
+    fields = ["channels", "epochs", "method", "sparsity", "seed", "test_acc", "achieved", "seconds", "event"]
     with out_csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(sorted(merged.values(), key=key))
     write_report(out_csv)
@@ -177,6 +191,9 @@ LABELS = {
     "set-er": "`SET`, ER (the paper's distribution, made for MLPs)",
     "snip": "`SNIP` (1 batch, global)",
     "gap": "`GaP`, cyclic, 4 parts x 2 cycles, phases of 1/40 of training",
+    "earlycrop": "`EarlyCroP` (5 batches, 100 steps, prune_at epoch 100)",
+    "earlycrop-steps10": "`EarlyCroP`, 10 steps",
+    "earlycrop-steps0": "`EarlyCroP`, 0 steps (one scoring at 50%, one at the target)",
 }
 
 
@@ -203,8 +220,12 @@ def write_report(path: Path) -> None:
         "",
         f"`python benchmarks/accuracy_mnist1d.py --seeds {seeds} --methods dense modelpruning gmp-global`, "
         "`... --methods gmp-erk gmp-uniform --channels 25`, "
-        "`... --methods static-erk rigl-erk rigl-uniform set set-er snip gap --levels 0.8 0.9 0.95` and "
-        "`... --methods mfac-pruning --channels 25 --levels 0.9 0.95` (1 torch thread a run; raw "
+        "`... --methods static-erk rigl-erk rigl-uniform set set-er snip gap --levels 0.8 0.9 0.95`, "
+        "`... --methods mfac-pruning --channels 25 --levels 0.9 0.95`, "
+        "`... --methods earlycrop --levels 0.9 0.95 0.98`, "
+        "`... --methods gmp-global snip rigl-erk --levels 0.98 --channels 25`, "
+        "`... --methods snip rigl-erk --levels 0.98 --channels 128` and "
+        "`... --methods earlycrop-steps10 earlycrop-steps0 --channels 25 --levels 0.95` (1 torch thread a run; raw "
         "rows in "
         "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "
         "deviation over seeds (n = number of seeds); the sparsity is the fraction of exact zeros over all conv/linear "
@@ -215,14 +236,17 @@ def write_report(path: Path) -> None:
         sub = [r for r in rows if r["channels"] == channels]
         epochs = sub[0]["epochs"]
         dense = [r["test_acc"] for r in sub if r["method"] == "dense"]
-        table_rows = [["dense", "0", mean_spread(dense), str(len(dense)), "-"]]
+        table_rows = [["dense", "0", mean_spread(dense), str(len(dense)), "-", "-"]]
         for level in sorted({r["sparsity"] for r in sub if r["method"] != "dense"}):
             for method, label in LABELS.items():
                 runs = [r for r in sub if r["method"] == method and r["sparsity"] == level]
                 if runs:
                     achieved = sum(r["achieved"] for r in runs) / len(runs)
                     accs = [r["test_acc"] for r in runs]
-                    table_rows.append([label, f"{level:.0%}", mean_spread(accs), str(len(runs)), f"{achieved:.4f}"])
+                    events = "; ".join(r["event"] for r in runs if r.get("event")) or "-"
+                    table_rows.append(
+                        [label, f"{level:.0%}", mean_spread(accs), str(len(runs)), f"{achieved:.4f}", events]
+                    )
         name = "paper CNN (25 channels)" if channels == 25 else f"wide CNN ({channels} channels)"
         figure = FIGURES / f"accuracy_mnist1d_c{channels}.png"
         series: dict[str, list[tuple[float, float, float]]] = {}
@@ -236,7 +260,9 @@ def write_report(path: Path) -> None:
             "",
             f"![test accuracy against achieved sparsity, {name}]({figure.relative_to(FIGURES.parent)})",
             "",
-            table(["method", "target", "test accuracy", "n", "achieved sparsity"], table_rows),
+            table(
+                ["method", "target", "test accuracy", "n", "achieved sparsity", "prune event (per seed)"], table_rows
+            ),
         ]
     write_section("accuracy", "\n".join(body))
 

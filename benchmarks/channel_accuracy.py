@@ -28,12 +28,13 @@ import argparse
 import csv
 import math
 import statistics
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 LEVELS = (0.5, 0.7)
-METHODS = ("dense", "l1", "taylor", "smcp-weight", "smcp-taylor_fo", "modelpruning", "torch-pruning")
+METHODS = ("dense", "l1", "taylor", "smcp-weight", "smcp-taylor_fo", "earlycrop-s", "modelpruning", "torch-pruning")
 
 
 def uniform_channels(level: float, channels: int) -> int:
@@ -106,6 +107,10 @@ def run(config: dict) -> dict:
                 log_sparsity=False,
             )
         )
+    elif method == "earlycrop-s":
+        from sparse_lightning import EarlyCroP
+
+        callbacks.append(EarlyCroP(level, structured=True, cost="flops", log_sparsity=False))
     elif method == "modelpruning":
         from lightning.pytorch.callbacks import ModelPruning
 
@@ -151,9 +156,14 @@ def run(config: dict) -> dict:
 
         callbacks.append(TorchPruningSteps())
     trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, **QUIET_TRAINER)
+    began = time.perf_counter()
     trainer.fit(model, data)
+    seconds = time.perf_counter() - began
     x = torch.zeros(1, 40)
-    if method in ("l1", "taylor") or method.startswith("smcp-"):
+    if method == "earlycrop-s":  # compacted during fit
+        small = model
+        flops_ratio = count_flops(model, x)[0] / count_flops(MNIST1DCNN(channels=channels), x)[0]
+    elif method in ("l1", "taylor") or method.startswith("smcp-"):
         small, report = compact(model, x)
         flops_ratio = report["flops_after"] / report["flops_before"]
     else:
@@ -174,7 +184,16 @@ def run(config: dict) -> dict:
         "conv_filters": filters,
         "zero_filters": zero_filters,
         "returned": getattr(callbacks[0], "returned", 0) if callbacks else 0,
+        "seconds": seconds,
+        "event": _event(callbacks[0], seconds / trainer.global_step) if method == "earlycrop-s" else "",
     }
+
+
+def _event(crop, step_seconds: float) -> str:
+    return (
+        f"epoch {crop.pruned_epoch} ({crop.trigger}); {crop.rescorings} scorings, {crop.prune_seconds:.1f} s = "
+        f"{crop.prune_seconds / step_seconds:.0f} steps"
+    )
 
 
 def _typed(row: dict) -> dict:
@@ -184,6 +203,8 @@ def _typed(row: dict) -> dict:
             out[k] = (
                 int(v) if k in ("seed", "epochs", "channels", "conv_filters", "zero_filters", "returned") else float(v)
             )
+            if k == "event":
+                out[k] = v
         except (TypeError, ValueError):
             out[k] = v
     return out
@@ -245,6 +266,7 @@ def write_doc(results: list[dict]) -> None:
         "taylor": "ChannelPruning taylor",
         "smcp-weight": "SoftMaskChannelPruning weight",
         "smcp-taylor_fo": "SoftMaskChannelPruning taylor_fo",
+        "earlycrop-s": "EarlyCroP structured (compacted during fit)",
         "modelpruning": "ModelPruning ln_structured (masks only)",
         "torch-pruning": "Torch-Pruning MetaPruner (L1 group)",
     }
@@ -266,10 +288,43 @@ def write_doc(results: list[dict]) -> None:
         "channel-accuracy",
         "## Channel pruning: accuracy at equal FLOPs on MNIST-1D\n\n"
         f"Commands: {', '.join(f'`{c} --seeds 3 --epochs 100`' for c in commands)} (3 seeds, 1 thread each; the "
-        "SMCP rows of the wide CNN were added later by `--methods smcp-weight smcp-taylor_fo --append`).\n\n"
-        f"{text}",
+        "SMCP rows of the wide CNN were added later by `--methods smcp-weight smcp-taylor_fo --append`, the "
+        "EarlyCroP-S rows and the training times by `--methods dense earlycrop-s --append`).\n\n"
+        f"{text}{_time_table(results)}",
     )
     print(text)
+
+
+def _time_table(results: list[dict]) -> str:
+    """Whole-run training time against dense (the rows that recorded it), and EarlyCroP-S's prune events."""
+    from _report import table
+
+    timed = [r for r in results if isinstance(r.get("seconds"), float)]
+    rows = []
+    for channels in sorted({r["channels"] for r in timed}, reverse=True):
+        dense = [r["seconds"] for r in timed if r["channels"] == channels and r["method"] == "dense"]
+        if not dense:
+            continue
+        for level in sorted({r["level"] for r in timed}):
+            for method in METHODS:
+                runs = [r for r in timed if (r["channels"], r["level"], r["method"]) == (channels, level, method)]
+                if runs:
+                    seconds = statistics.median(r["seconds"] for r in runs)
+                    events = "; ".join(r["event"] for r in runs if r.get("event")) or "-"
+                    rows.append(
+                        [
+                            channels,
+                            f"{level:.0%}",
+                            method,
+                            f"{seconds:.0f}",
+                            f"{seconds / statistics.median(dense):.2f}",
+                            events,
+                        ]
+                    )
+    if not rows:
+        return ""
+    header = ["channels", "FLOPs removed", "method", "fit seconds (median)", "vs dense", "prune event (per seed)"]
+    return "\n\nWhole training run (2 runs in parallel, 1 thread each):\n\n" + table(header, rows)
 
 
 def _row(model: str, level: float, method: str, label: str, runs: list[dict]) -> list[str]:

@@ -19,6 +19,7 @@ from helpers import TinyNet, flop_seconds, tiny_loader  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     SET,
     ChannelPruning,
+    EarlyCroP,
     GaP,
     GradualMagnitudePruning,
     MFACPreconditioner,
@@ -94,6 +95,10 @@ def main(out: Path) -> None:
         pruning = SoftMaskChannelPruning(
             sparsity=0.5, cost="latency", importance="taylor_fo", round_to=1, start=1, end=20, every=3
         )
+    elif variant in ("earlycrop", "earlycrop_s"):
+        model.example_input_array = torch.zeros(2, 16)
+        structured = variant == "earlycrop_s"
+        pruning = EarlyCroP(sparsity=0.5 if structured else 0.9, structured=structured, batches=2, prune_at="2ep")
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

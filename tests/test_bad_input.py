@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from sparse_lightning import (
     ChannelPruning,
     ConstantMask,
+    EarlyCroP,
     GradualMagnitudePruning,
     MFACPreconditioner,
     SoftMaskChannelPruning,
@@ -89,7 +90,9 @@ def test_bad_input_fails_before_the_first_step_and_installs_nothing(kwargs, mess
     "strategy", [DeepSpeedStrategy, XLAStrategy, FSDPStrategy, ModelParallelStrategy], ids=lambda c: c.__name__
 )
 @pytest.mark.parametrize(
-    "callback", [ConstantMask, MFACPreconditioner, ChannelPruning, SoftMaskChannelPruning], ids=lambda c: c.__name__
+    "callback",
+    [ConstantMask, MFACPreconditioner, ChannelPruning, SoftMaskChannelPruning, EarlyCroP],
+    ids=lambda c: c.__name__,
 )
 def test_unserved_strategies_are_refused_by_name_at_setup(strategy, callback):
     """Lightning's own classes: DeepSpeed and XLA subclass DDPStrategy and must still be refused.

@@ -18,7 +18,9 @@ def run_ranks(tmp_path: Path, variant: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("distribution", ["global", "erk", "rigl", "set", "gap", "mfac_preconditioner", "mfac_pruning"])
+@pytest.mark.parametrize(
+    "distribution", ["global", "erk", "rigl", "set", "gap", "mfac_preconditioner", "mfac_pruning", "earlycrop"]
+)
 def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution):
     result = run_ranks(tmp_path, distribution)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,7 +69,7 @@ def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, va
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
 
 
-@pytest.mark.parametrize("variant", ["channels", "smcp", "smcp_latency"])
+@pytest.mark.parametrize("variant", ["channels", "smcp", "smcp_latency", "earlycrop_s"])
 def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
     """ChannelPruning with Taylor scores and SMCP with Taylor importance (both read the averaged gradients); SMCP
     under a latency budget with timers that differ between ranks: every rank solves with rank 0's table."""

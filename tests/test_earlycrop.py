@@ -3,11 +3,14 @@ steps, structured compaction during fit, resume, the learning-rate restart and b
 
 from __future__ import annotations
 
+import csv
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import QUIET, TinyNet, tiny_loader
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from test_gradual import StopAfter
 from torch import nn
 
@@ -210,3 +213,16 @@ def test_bad_input():
         EarlyCroP(prune_at="soon")
     with pytest.raises(ValueError, match=r"`batches`=9 training batches, but an epoch has only 8"):
         _fit(batches=9)
+
+
+def test_distance_and_event_reach_the_logger(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet("adam", lr=0.01)
+    crop = EarlyCroP(0.9, batches=2, prune_at="3ep")
+    trainer = pl.Trainer(max_epochs=4, callbacks=[crop], **{**QUIET, "logger": CSVLogger(tmp_path)})
+    trainer.fit(model, tiny_loader())
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    distances = [float(r["earlycrop/distance"]) for r in rows if r.get("earlycrop/distance")]
+    assert distances == pytest.approx(crop.distances)
+    assert [float(r["earlycrop/pruned_epoch"]) for r in rows if r.get("earlycrop/pruned_epoch")] == [2.0]

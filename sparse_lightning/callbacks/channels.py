@@ -60,7 +60,6 @@ def example_inputs_of(trainer: pl.Trainer | None, module: pl.LightningModule, ow
     return move_data_to_device(inputs, device)
 
 
-@register("channel_pruning")
 class ChannelMethod(SparsityCallback):
     """The plumbing of every channel method: channel groups traced from example inputs and selected by
     ``include``/``exclude``, a cost model (``cost``), channel masks ``keeps`` as checkpoint state, and compaction of
@@ -273,6 +272,7 @@ class ChannelMethod(SparsityCallback):
             self._retrace(module)  # type: ignore[arg-type]
 
 
+@register("channel_pruning")
 class ChannelPruning(GradualSchedule, ChannelMethod):
     """Gradual channel pruning: whole channel groups leave on the schedule of Zhu & Gupta 2017.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy
 from sparse_lightning.callbacks.channels import ChannelMethod
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.crop import crop_scores, hessian_gradient_product, iterative_targets, settled
@@ -39,7 +40,8 @@ class EarlyCroP(ChannelMethod):
     the first distance). It prunes at the first epoch end at or after ``prune_at`` (reference: epoch 100) if the
     trigger has not fired, and at the last epoch end of training if neither happened, so a run always ends at its
     target. The reference's structured tau is not positive for ``sparsity`` >= 0.9, so that trigger never fires;
-    the same holds here (the prune then comes at ``prune_at``), and the plan says so.
+    the same holds here (the prune then comes at ``prune_at``), and the plan says so. Until the prune the callback
+    holds theta_ref, a copy of every parameter, in memory and in checkpoints.
 
     **Score (CroP).** On ``batches`` batches of the *training* data (the reference scores on its test loader), in
     eval mode like the reference: g_bar = sum_b grad L_b, then H g_bar accumulated by one double backward per batch,
@@ -123,6 +125,7 @@ class EarlyCroP(ChannelMethod):
         self.steps = check_int("steps", steps, minimum=0)
         self.prune_at_spec = parse_time(prune_at, "prune_at", allow_zero=False)
         self.prune_at_step: int | None = None
+        self._last_step: int | None = None
         self.factor = min(1 - self.sparsity - 0.1, 0.99) if structured else 1 - self.sparsity
         self.add_state("reference", {})
         self.add_state("distances", [])
@@ -131,6 +134,8 @@ class EarlyCroP(ChannelMethod):
         self.add_state("restarted", {})
         self._trainer: pl.Trainer | None = None
         self._schedules: list[torch.optim.lr_scheduler.OneCycleLR] = []
+        self.prune_seconds = 0.0
+        """Wall-clock seconds of the prune (every scoring, the masks and any compaction)."""
         self.rescorings = 0
         """Scorings the last prune ran (each one the ``batches`` forward/backward passes and double backwards)."""
 
@@ -155,18 +160,23 @@ class EarlyCroP(ChannelMethod):
 
     def resolve_schedule(self, timeline: Timeline) -> None:
         self.prune_at_step = timeline.step(self.prune_at_spec, "prune_at")
+        self._last_step = int(timeline.total_steps) - 1 if timeline.finite else None
 
     def events(self) -> list[Event]:
         assert self.prune_at_step is not None
-        note = "prune when d_t settles, at the latest here"
+        step, when = self.prune_at_step, "at `prune_at`"
+        if self._last_step is not None and step > self._last_step:
+            step, when = self._last_step, "at the last epoch (`prune_at` lies beyond training)"
+        note = f"prune when d_t settles, {when} at the latest"
         if self.factor <= 0:
-            note = f"prune here: the structured trigger can not fire at sparsity {self.sparsity}"
-        return [Event(self.prune_at_step, note, self.sparsity)]
+            note = f"prune {when}: the structured trigger can not fire at sparsity {self.sparsity}"
+        return [Event(step, note, self.sparsity)]
 
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
             single = trainer.world_size == 1 and not is_distributed()
             self.compact_during_fit = self.structured and (
                 single if self.compact_choice is None else self.compact_choice
@@ -239,11 +249,13 @@ class EarlyCroP(ChannelMethod):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
         self._trainer = trainer
+        began = time.perf_counter()
         self.update_masks(trainer, pl_module, trainer.global_step)
+        self.prune_seconds = time.perf_counter() - began
         self.pruned_epoch, self.trigger, self.reference = trainer.current_epoch, reason, {}
         rank_zero_info(
             f"EarlyCroP: pruned to {self.sparsity} at epoch {trainer.current_epoch} ({reason}; "
-            f"{self.rescorings} scorings)."
+            f"{self.rescorings} scorings, {self.prune_seconds:.1f} s)."
         )
         if self.log_sparsity:
             pl_module.log("earlycrop/pruned_epoch", float(trainer.current_epoch), on_step=False, on_epoch=True)
