@@ -85,7 +85,8 @@ def run(config: dict) -> dict:
         from sparse_lightning import EarlyCroP
 
         steps = int(config["method"].split("-steps")[1]) if "-steps" in config["method"] else 100
-        callbacks.append(EarlyCroP(sparsity=sparsity, steps=steps, log_sparsity=False))
+        prune_at = "100ep" if config["method"] == "earlycrop-ref" else 0.5
+        callbacks.append(EarlyCroP(sparsity=sparsity, steps=steps, prune_at=prune_at, log_sparsity=False))
     trainer = pl.Trainer(
         max_epochs=epochs,
         **QUIET_TRAINER,
@@ -110,7 +111,7 @@ def run(config: dict) -> dict:
 
 
 DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "set-er", "snip", "gap")
-EARLYCROP = ("earlycrop", "earlycrop-steps10", "earlycrop-steps0")
+EARLYCROP = ("earlycrop", "earlycrop-ref", "earlycrop-steps10", "earlycrop-steps0")
 METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", *DST, *EARLYCROP)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
@@ -191,7 +192,8 @@ LABELS = {
     "set-er": "`SET`, ER (the paper's distribution, made for MLPs)",
     "snip": "`SNIP` (1 batch, global)",
     "gap": "`GaP`, cyclic, 4 parts x 2 cycles, phases of 1/40 of training",
-    "earlycrop": "`EarlyCroP` (5 batches, 100 steps, prune_at epoch 100)",
+    "earlycrop": "`EarlyCroP` (defaults: 5 batches, 100 steps, prune_at half of training)",
+    "earlycrop-ref": "`EarlyCroP`, prune_at epoch 100 (the reference's; = the last epoch of a 100-epoch run)",
     "earlycrop-steps10": "`EarlyCroP`, 10 steps",
     "earlycrop-steps0": "`EarlyCroP`, 0 steps (one scoring at 50%, one at the target)",
 }
@@ -222,7 +224,8 @@ def write_report(path: Path) -> None:
         "`... --methods gmp-erk gmp-uniform --channels 25`, "
         "`... --methods static-erk rigl-erk rigl-uniform set set-er snip gap --levels 0.8 0.9 0.95`, "
         "`... --methods mfac-pruning --channels 25 --levels 0.9 0.95`, "
-        "`... --methods earlycrop --levels 0.9 0.95 0.98`, "
+        "`... --methods earlycrop --levels 0.9 0.95 0.98`, `... --methods earlycrop-ref --channels 128 --levels "
+        "0.9 0.95 0.98`, "
         "`... --methods gmp-global snip rigl-erk --levels 0.98 --channels 25`, "
         "`... --methods snip rigl-erk --levels 0.98 --channels 128` and "
         "`... --methods earlycrop-steps10 earlycrop-steps0 --channels 25 --levels 0.95` (1 torch thread a run; raw "

@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import torch
 from helpers import QUIET, TinyNet, tiny_loader
 
-from sparse_lightning import ChannelPruning, GradualMagnitudePruning, compact, masks_of
+from sparse_lightning import ChannelPruning, EarlyCroP, GradualMagnitudePruning, compact, masks_of
 
 
 def _train(compile_model: bool):
@@ -62,3 +62,25 @@ def test_channel_pruning_of_a_compiled_module_matches_eager_and_compacts_its_own
     with torch.no_grad():
         compiled.fc2.weight.add_(1.0)  # the original changes; the compacted copy must not follow it
     assert torch.equal(small(x), before)
+
+
+def _train_earlycrop(compile_model: bool):
+    torch.manual_seed(0)
+    model = TinyNet("sgd", lr=0.05, momentum=0.9)
+    crop = EarlyCroP(0.8, batches=2, prune_at="1ep", log_sparsity=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[crop], **QUIET)
+    trainer.fit(torch.compile(model) if compile_model else model, tiny_loader())
+    return model, crop
+
+
+def test_earlycrop_scores_a_compiled_module_with_its_eager_forward():
+    """The double backward of the CroP score can not run through a compiled graph: the score uses the module's own
+    forward and gives the eager run's masks."""
+    torch._dynamo.reset()
+    eager, eager_crop = _train_earlycrop(False)
+    compiled, crop = _train_earlycrop(True)
+    assert crop.pruned_epoch == eager_crop.pruned_epoch == 0
+    for name, mask in masks_of(eager).items():
+        assert torch.equal(mask, masks_of(compiled)[name]), name
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

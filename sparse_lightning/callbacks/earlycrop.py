@@ -37,11 +37,14 @@ class EarlyCroP(ChannelMethod):
     d_t = |theta_t - theta_ref| / |theta_ref| is logged (``earlycrop/distance``), and the network is pruned at the
     first epoch end with |d_t - d_{t-1}| < tau, tau = d_first x (1 - ``sparsity``) (structured: x min(1 - ``sparsity``
     - 0.1, 0.99)), d_first the first distance and d_0 = 0 (as the reference, whose trigger can therefore not fire at
-    the first distance). It prunes at the first epoch end at or after ``prune_at`` (reference: epoch 100) if the
-    trigger has not fired, and at the last epoch end of training if neither happened, so a run always ends at its
-    target. The reference's structured tau is not positive for ``sparsity`` >= 0.9, so that trigger never fires;
-    the same holds here (the prune then comes at ``prune_at``), and the plan says so. Until the prune the callback
-    holds theta_ref, a copy of every parameter, in memory and in checkpoints.
+    the first distance). It prunes at the first epoch end at or after ``prune_at`` if the trigger has not fired,
+    and at the last epoch end of training if neither happened, so a run always ends at its target. Deliberate
+    difference: ``prune_at`` defaults to half of training. The reference waits up to epoch 100 and then trains its
+    80 epochs after the prune (its fallback comes after at most 100 of 180 epochs); here the trainer fixes the run's
+    length, and epoch 100 would be the end of a 100-epoch run. The reference's structured tau is not positive for
+    ``sparsity`` >= 0.9, so that trigger never fires; the same holds here (the prune then comes at ``prune_at``),
+    and the plan says so. Until the prune the callback holds theta_ref, a copy of every parameter, in memory and in
+    checkpoints.
 
     **Score (CroP).** On ``batches`` batches of the *training* data (the reference scores on its test loader), in
     eval mode like the reference: g_bar = sum_b grad L_b, then H g_bar accumulated by one double backward per batch,
@@ -74,8 +77,8 @@ class EarlyCroP(ChannelMethod):
         cost: structured only: ``flops`` (default), ``params`` or ``channels``.
         batches: training batches per score (reference: 5).
         steps: unstructured re-scorings within the event (reference: 100).
-        prune_at: prune at the first epoch end at or after this time if the trigger has not fired (reference: epoch
-            100); a time argument as everywhere in the plugin.
+        prune_at: prune at the first epoch end at or after this time if the trigger has not fired (default half of
+            training; the reference: epoch 100); a time argument as everywhere in the plugin.
         restart_lr: restart a one-cycle learning rate after the prune.
         round_to: structured only: kept channel counts are multiples of this.
         compact_during_fit: structured only: remove the channels from the training module at the prune (default:
@@ -94,7 +97,7 @@ class EarlyCroP(ChannelMethod):
         cost: str | None = None,
         batches: int = 5,
         steps: int = 100,
-        prune_at: TimeValue = "100ep",
+        prune_at: TimeValue = 0.5,
         restart_lr: bool = False,
         round_to: int = 1,
         compact_during_fit: bool | None = None,
