@@ -48,18 +48,18 @@ _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step",
 
 @contextmanager
 def eager(module: nn.Module) -> Iterator[None]:
-    """Run ``module``'s own ``forward`` inside: a LightningModule that ``Trainer.fit`` received compiled holds its
-    ``forward`` compiled (``_compiler_ctx``), and the tracer must see the modules, not the compiled graph."""
-    ctx = module.__dict__.get("_compiler_ctx")
-    if not ctx or "forward" not in module.__dict__:
-        yield
-        return
-    compiled = module.__dict__["forward"]
-    module.forward = ctx["original_forward"]  # type: ignore[method-assign]
+    """Run ``module``'s own ``forward`` and step methods inside: a LightningModule that ``Trainer.fit`` received
+    compiled holds them compiled (``_compiler_ctx``), and the tracer must see the modules, and a double backward
+    (EarlyCroP's score) can not run through a compiled graph."""
+    ctx = module.__dict__.get("_compiler_ctx") or {}
+    compiled = {n: module.__dict__[n] for n in _COMPILED_METHODS if n in module.__dict__ and f"original_{n}" in ctx}
+    for name in compiled:
+        setattr(module, name, ctx[f"original_{name}"])
     try:
         yield
     finally:
-        module.forward = compiled  # type: ignore[method-assign]
+        for name, method in compiled.items():
+            setattr(module, name, method)
 
 
 def detach_compiled(copy: nn.Module) -> None:
