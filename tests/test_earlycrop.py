@@ -214,6 +214,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"`batches`=9 training batches, but an epoch has only 8"):
         _fit(batches=9)
 
+    class Manual(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="under manual optimization"):
+        pl.Trainer(max_epochs=1, callbacks=[EarlyCroP()], **QUIET).fit(Manual(), tiny_loader())
+
 
 def test_distance_and_event_reach_the_logger(tmp_path):
     torch.manual_seed(0)

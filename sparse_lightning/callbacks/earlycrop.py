@@ -180,6 +180,11 @@ class EarlyCroP(ChannelMethod):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            if not pl_module.automatic_optimization:
+                raise ConfigError(
+                    "EarlyCroP scores with the module's `training_step`, which under manual optimization "
+                    "(`automatic_optimization = False`) would step the optimizers itself; use automatic optimization."
+                )
             single = trainer.world_size == 1 and not is_distributed()
             self.compact_during_fit = self.structured and (
                 single if self.compact_choice is None else self.compact_choice
