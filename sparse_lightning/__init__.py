@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ChannelPruning": "sparse_lightning.callbacks",
     "ConstantMask": "sparse_lightning.callbacks",
+    "ControlledSparsity": "sparse_lightning.callbacks",
     "EarlyCroP": "sparse_lightning.callbacks",
     "GaP": "sparse_lightning.callbacks",
     "GradualMagnitudePruning": "sparse_lightning.callbacks",
@@ -35,6 +36,7 @@ __all__ = [
     "SNIP",
     "ChannelPruning",
     "ConstantMask",
+    "ControlledSparsity",
     "EarlyCroP",
     "GaP",
     "GradualMagnitudePruning",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
         SNIP,
         ChannelPruning,
         ConstantMask,
+        ControlledSparsity,
         EarlyCroP,
         GaP,
         GradualMagnitudePruning,

@@ -19,6 +19,7 @@ from helpers import TinyNet, flop_seconds, tiny_loader  # noqa: E402
 from sparse_lightning import (  # noqa: E402
     SET,
     ChannelPruning,
+    ControlledSparsity,
     EarlyCroP,
     GaP,
     GradualMagnitudePruning,
@@ -99,6 +100,8 @@ def main(out: Path) -> None:
         model.example_input_array = torch.zeros(2, 16)
         structured = variant == "earlycrop_s"
         pruning = EarlyCroP(sparsity=0.5 if structured else 0.9, structured=structured, batches=2, prune_at="2ep")
+    elif variant == "l0":
+        pruning = ControlledSparsity(sparsity=0.7, constraint="model", gate_lr=0.05, dual_lr=0.05)
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from sparse_lightning import (
     ChannelPruning,
     ConstantMask,
+    ControlledSparsity,
     EarlyCroP,
     GradualMagnitudePruning,
     MFACPreconditioner,
@@ -91,7 +92,7 @@ def test_bad_input_fails_before_the_first_step_and_installs_nothing(kwargs, mess
 )
 @pytest.mark.parametrize(
     "callback",
-    [ConstantMask, MFACPreconditioner, ChannelPruning, SoftMaskChannelPruning, EarlyCroP],
+    [ConstantMask, MFACPreconditioner, ChannelPruning, SoftMaskChannelPruning, EarlyCroP, ControlledSparsity],
     ids=lambda c: c.__name__,
 )
 def test_unserved_strategies_are_refused_by_name_at_setup(strategy, callback):

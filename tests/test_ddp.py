@@ -92,3 +92,21 @@ def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), name
         assert not ranks[0]["weights"][name][~mask].any(), name
+
+
+def test_ddp_ranks_hold_identical_l0_gates_multipliers_and_purged_masks(tmp_path):
+    """ControlledSparsity: each rank samples its own batch; the gates' gradients are averaged over ranks, so gates,
+    multipliers, weights and the purged masks agree exactly."""
+    result = run_ranks(tmp_path, "l0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    states = [r["callback_state"] for r in ranks]
+    assert states[0]["multipliers"] == states[1]["multipliers"]
+    for name, gate in states[0]["gates"].items():
+        assert torch.equal(gate, states[1]["gates"][name]), name
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+    assert states[0]["multipliers"]["model"] > 0  # the constraint is still pulling after 24 steps
+    assert max(float(g.abs().max()) for g in states[0]["gates"].values()) > 0.1  # the gates moved from ~0

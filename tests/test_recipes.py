@@ -79,7 +79,8 @@ BAD = [
     (
         GOOD.replace("method: gradual_magnitude", "method: rigl_magic"),
         r"stages\[0\].methods\[0\].method: unknown method 'rigl_magic'. "
-        r"Registered: channel_pruning, constant_mask, early_crop, gap, gradual_magnitude, mfac_preconditioner, "
+        r"Registered: channel_pruning, constant_mask, controlled_sparsity, early_crop, gap, gradual_magnitude, "
+        r"mfac_preconditioner, "
         r"mfac_pruning, rigl, set, snip, soft_mask_channel_pruning, "
         r"static_random",
     ),

@@ -6,6 +6,7 @@ from sparse_lightning.callbacks.dst import SET, RigL, StaticRandomMask
 from sparse_lightning.callbacks.earlycrop import EarlyCroP
 from sparse_lightning.callbacks.gap import GaP
 from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePruning
+from sparse_lightning.callbacks.l0 import ControlledSparsity
 from sparse_lightning.callbacks.mfac import MFACPreconditioner, MFACPruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
@@ -16,6 +17,7 @@ __all__ = [
     "METHODS",
     "ChannelPruning",
     "ConstantMask",
+    "ControlledSparsity",
     "EarlyCroP",
     "GaP",
     "GradualMagnitudePruning",
