@@ -25,6 +25,7 @@ _EXPORTS = {
     "SoftMaskChannelPruning": "sparse_lightning.callbacks",
     "SparsityCallback": "sparse_lightning.callbacks",
     "SparsityMonitor": "sparse_lightning.callbacks",
+    "SpectralHessianRegularization": "sparse_lightning.callbacks",
     "StaticRandomMask": "sparse_lightning.callbacks",
     "compact": "sparse_lightning.structure",
     "load_recipe": "sparse_lightning.recipes",
@@ -46,6 +47,7 @@ __all__ = [
     "SoftMaskChannelPruning",
     "SparsityCallback",
     "SparsityMonitor",
+    "SpectralHessianRegularization",
     "StaticRandomMask",
     "compact",
     "load_recipe",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
         SoftMaskChannelPruning,
         SparsityCallback,
         SparsityMonitor,
+        SpectralHessianRegularization,
         StaticRandomMask,
     )
     from sparse_lightning.core.masks import masks_of

@@ -27,6 +27,7 @@ from sparse_lightning import (  # noqa: E402
     MFACPruning,
     RigL,
     SoftMaskChannelPruning,
+    SpectralHessianRegularization,
     masks_of,
 )
 from sparse_lightning.core.masks import MaskSet  # noqa: E402
@@ -100,6 +101,9 @@ def main(out: Path) -> None:
         model.example_input_array = torch.zeros(2, 16)
         structured = variant == "earlycrop_s"
         pruning = EarlyCroP(sparsity=0.5 if structured else 0.9, structured=structured, batches=2, prune_at="2ep")
+    elif variant == "spectral":
+        pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3)
+        extra_spectral = SpectralHessianRegularization(strength=0.05, bound=0.0, every=2)
     elif variant == "l0":
         pruning = ControlledSparsity(sparsity=0.7, constraint="model", gate_lr=0.05, dual_lr=0.05)
     elif variant == "mfac_pruning":
@@ -108,6 +112,8 @@ def main(out: Path) -> None:
         distribution = "global" if variant == "mfac_preconditioner" else variant
         pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3, distribution=distribution)
     extra = [MFACPreconditioner(num_grads=8)] if variant == "mfac_preconditioner" else []
+    if variant == "spectral":
+        extra = [extra_spectral]
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu",

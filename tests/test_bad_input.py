@@ -15,6 +15,7 @@ from sparse_lightning import (
     MFACPreconditioner,
     SoftMaskChannelPruning,
     SparsityMonitor,
+    SpectralHessianRegularization,
     masks_of,
 )
 
@@ -92,7 +93,15 @@ def test_bad_input_fails_before_the_first_step_and_installs_nothing(kwargs, mess
 )
 @pytest.mark.parametrize(
     "callback",
-    [ConstantMask, MFACPreconditioner, ChannelPruning, SoftMaskChannelPruning, EarlyCroP, ControlledSparsity],
+    [
+        ConstantMask,
+        MFACPreconditioner,
+        ChannelPruning,
+        SoftMaskChannelPruning,
+        EarlyCroP,
+        ControlledSparsity,
+        SpectralHessianRegularization,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_unserved_strategies_are_refused_by_name_at_setup(strategy, callback):

@@ -81,7 +81,7 @@ BAD = [
         r"stages\[0\].methods\[0\].method: unknown method 'rigl_magic'. "
         r"Registered: channel_pruning, constant_mask, controlled_sparsity, early_crop, gap, gradual_magnitude, "
         r"mfac_preconditioner, "
-        r"mfac_pruning, rigl, set, snip, soft_mask_channel_pruning, "
+        r"mfac_pruning, rigl, set, snip, soft_mask_channel_pruning, spectral_hessian, "
         r"static_random",
     ),
     (GOOD.replace("${every}", "${period}"), r"stages\[0\].methods\[0\].args.every: undefined variable \$\{period\}"),

@@ -12,6 +12,7 @@ from sparse_lightning.callbacks.monitor import SparsityMonitor
 from sparse_lightning.callbacks.registry import METHODS, register
 from sparse_lightning.callbacks.smcp import SoftMaskChannelPruning
 from sparse_lightning.callbacks.snip import SNIP
+from sparse_lightning.callbacks.spectral import SpectralHessianRegularization
 
 __all__ = [
     "METHODS",
@@ -29,6 +30,7 @@ __all__ = [
     "SoftMaskChannelPruning",
     "SparsityCallback",
     "SparsityMonitor",
+    "SpectralHessianRegularization",
     "StaticRandomMask",
     "register",
 ]

@@ -432,6 +432,21 @@ class SparsityCallback(MethodCallback):
         self.load_states(state)
 
 
+def training_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int, owner: str) -> Tensor:
+    """The module's ``training_step`` loss on ``batch``, with ``self.log``/``self.log_dict`` silenced (a method
+    that re-evaluates the loss outside Lightning's loop must not log, and can not under most hooks)."""
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        out = pl_module.training_step(batch, batch_idx)
+    finally:
+        del pl_module.log, pl_module.log_dict
+    out = out["loss"] if isinstance(out, Mapping) else out
+    if not isinstance(out, Tensor):
+        raise ConfigError(f"{owner} needs `training_step` to return the loss (a tensor or {{'loss': ...}}).")
+    return out
+
+
 def skip_optimizer_step(trainer: pl.Trainer) -> None:
     """Make the coming optimizer step a no-op: every gradient of every optimizer is set to ``None``.
 

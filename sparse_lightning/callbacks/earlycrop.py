@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy, training_loss
 from sparse_lightning.callbacks.channels import ChannelMethod
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.crop import crop_scores, hessian_gradient_product, iterative_targets, settled
@@ -310,12 +309,7 @@ class EarlyCroP(ChannelMethod):
         masks = [self.mask_set.mask_for(n, p) if n in self.mask_set else None for n, p in weights.items()]
 
         def loss(b: int) -> Tensor:
-            with _silenced(pl_module):
-                out = pl_module.training_step(batches[b], b)
-            out = out["loss"] if isinstance(out, Mapping) else out
-            if not isinstance(out, Tensor):
-                raise ConfigError("EarlyCroP needs `training_step` to return the loss (a tensor or {'loss': ...}).")
-            return out
+            return training_loss(pl_module, batches[b], b, "EarlyCroP")
 
         with evaluating(pl_module), torch.enable_grad():
             _, product = hessian_gradient_product(loss, self.batches, list(weights.values()), masks, reduce, gates)
@@ -427,14 +421,3 @@ def _gate_hook(gate: Tensor, linear: bool) -> Any:
         return output * (gate if linear else gate.view(1, -1, *[1] * (output.dim() - 2)))
 
     return hook
-
-
-@contextmanager
-def _silenced(module: pl.LightningModule) -> Iterator[None]:
-    """``self.log`` and ``self.log_dict`` do nothing inside (a ``training_step`` called for a score)."""
-    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.log, module.log_dict
