@@ -85,3 +85,22 @@ def test_a_2_4_pruned_linear_runs_on_semi_structured_kernels():
     sparse = to_sparse_semi_structured(weight[:, :64].contiguous())  # 128 x 64: multiples of the kernel tile
     x = torch.randn(64, 64, device="cuda", dtype=torch.half)
     torch.testing.assert_close(nn.functional.linear(x, sparse), nn.functional.linear(x, weight[:, :64]))
+
+
+def test_l0_gates_and_the_spectral_penalty_follow_the_module_to_cuda_under_amp():
+    """Lightning moves the module to the GPU after the callbacks' ``setup``: the gates, their optimizer state and
+    generator must follow; the gates' gradients are unscaled under fp16 AMP."""
+    from sparse_lightning import ControlledSparsity, EarlyCroP, SpectralHessianRegularization
+
+    torch.manual_seed(0)
+    model = TinyNet("adam", lr=0.01)
+    l0 = ControlledSparsity(0.7, gate_lr=0.05, dual_lr=0.05, log_sparsity=False)
+    pl.Trainer(max_epochs=3, callbacks=[l0], precision="16-mixed", **CUDA).fit(model, tiny_loader())
+    assert l0.purged and all(a.is_cuda for a in l0.log_alpha.values())
+    params = dict(model.named_parameters())
+    assert all(not params[n].detach()[~m].any() for n, m in masks_of(model).items())
+    spectral = SpectralHessianRegularization(strength=0.05, bound=0.0, log=False)
+    crop = EarlyCroP(0.9, batches=2, prune_at="1ep", log_sparsity=False)
+    model = TinyNet("adam", lr=0.01)
+    pl.Trainer(max_epochs=2, callbacks=[crop, spectral], **CUDA).fit(model, tiny_loader())
+    assert spectral.rho > 0 and crop.pruned_epoch == 0

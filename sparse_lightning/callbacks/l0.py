@@ -138,9 +138,6 @@ class ControlledSparsity(SparsityCallback):
         super().setup(trainer, pl_module, stage)
         params = self.params()
         modules = dict(pl_module.named_modules())
-        if self.generator is None:
-            device = params[self.names[0]].device
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         if not self.log_alpha:
             initial = torch.Generator().manual_seed(self.seed)
             self.log_alpha = {
@@ -155,6 +152,24 @@ class ControlledSparsity(SparsityCallback):
             self._layers = {n: modules[n.rpartition(".")[0]] for n in self.names}
             for name, layer in self._layers.items():
                 layer.forward = self._gated_forward(layer, name)  # type: ignore[method-assign]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning moves the module to its device after ``setup``: the gates, their optimizer state and the
+        sampling generator (a checkpoint's state included) follow it here."""
+        super().on_fit_start(trainer, pl_module)
+        device = pl_module.device
+        if not isinstance(self.generator, torch.Generator) or self.generator.device != device:
+            saved = self.generator
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+            if isinstance(saved, Tensor):
+                self.generator.set_state(saved.cpu())
+        for gate in self.log_alpha.values():
+            gate.data = gate.data.to(device)
+        if self._gate_optimizer is not None:
+            for state in self._gate_optimizer.state.values():
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and key != "step":
+                        state[key] = value.to(device)
 
     def _constraints(self) -> list[str]:
         return list(self.names) if self.constraint == "layer" else ["model"]
