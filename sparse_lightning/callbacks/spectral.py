@@ -60,9 +60,9 @@ class SpectralHessianRegularization(MethodCallback):
     def __init__(
         self,
         strength: float = 0.01,
+        *,
         bound: float = 10.0,
         every: int = 1,
-        *,
         method: str = "hvp",
         sparsity: float = 0.0,
         tolerance: float = 1e-3,
