@@ -16,19 +16,11 @@ import argparse
 import statistics
 import time
 
-QUIET = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-}
-
 
 def run(seed: int, epochs: int, regularizer: dict | None) -> dict:
     import lightning.pytorch as pl
     import torch
+    from _report import QUIET_TRAINER
     from torch import nn
 
     from sparse_lightning import SpectralHessianRegularization
@@ -41,7 +33,7 @@ def run(seed: int, epochs: int, regularizer: dict | None) -> dict:
     pl.seed_everything(seed, verbose=False)
     model = MNIST1DCNN(channels=25)
     callbacks = [SpectralHessianRegularization(every=1, log=False, **regularizer)] if regularizer else []
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, check_val_every_n_epoch=10**6, **QUIET)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, check_val_every_n_epoch=10**6, **QUIET_TRAINER)
     data = MNIST1DDataModule(batch_size=100, val_fraction=0.0)
     began = time.perf_counter()
     trainer.fit(model, datamodule=data)
