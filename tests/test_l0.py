@@ -175,3 +175,19 @@ def test_defaults_meet_the_density_within_one_hundredth_on_mnist1d():
     masks = masks_of(model)
     kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert 0 < kept < 0.3  # after purging, fewer weights than expected stay (gates with P(open) < 1/2 close)
+
+
+def test_bf16_mixed_precision_and_gradient_accumulation():
+    """Under autocast the gated weight follows the layer's compute dtype; with accumulation the gates step once per
+    optimizer step, on the summed gradients."""
+    torch.manual_seed(0)
+    model = TinyNet("adam", lr=0.01)
+    l0 = ControlledSparsity(0.7, dual_lr=0.05, gate_lr=0.05, log_sparsity=False)
+    trainer = pl.Trainer(max_epochs=6, callbacks=[l0], precision="bf16-mixed", accumulate_grad_batches=2, **QUIET)
+    trainer.fit(model, tiny_loader())
+    assert trainer.global_step == 24 and l0.last_gate_step == 23
+    assert l0.purged and l0.expected_density() < 0.8  # 0.83 at initialization (droprate 0.5)
+    params = dict(model.named_parameters())
+    for name, mask in masks_of(model).items():
+        assert mask.dtype == torch.bool and params[name].dtype == torch.float32
+        assert not params[name].detach()[~mask].any(), name
