@@ -432,6 +432,14 @@ class SparsityCallback(MethodCallback):
         self.load_states(state)
 
 
+def mean_over_ranks(trainer: pl.Trainer, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` averaged over the DDP ranks in one collective (unchanged on a single process)."""
+    if not is_distributed():
+        return list(tensors)
+    flat = trainer.strategy.reduce(torch.cat([t.flatten() for t in tensors]), reduce_op="mean")
+    return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
 def training_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int, owner: str) -> Tensor:
     """The module's ``training_step`` loss on ``batch``, with ``self.log``/``self.log_dict`` silenced (a method
     that re-evaluates the loss outside Lightning's loop must not log, and can not under most hooks)."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy
+from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy, mean_over_ranks
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_choice, check_int
 from sparse_lightning.core.l0 import (
@@ -22,7 +22,6 @@ from sparse_lightning.core.l0 import (
     init_log_alpha,
     sample_gates,
 )
-from sparse_lightning.core.masks import is_distributed
 
 CONSTRAINTS = ("layer", "model")
 
@@ -56,6 +55,9 @@ class ControlledSparsity(SparsityCallback):
     non-zero (it differs from the expected density, as the paper reports).
 
     Memory: the gates and their Adam moments are three float32 tensors the size of the selected weights.
+
+    Not built yet: the paper's structured gates (one per input neuron of a Linear or output channel of a conv, on
+    channel groups); every gate here is one weight's.
 
     Args:
         sparsity: 1 - the target expected density, in [0, 1).
@@ -235,19 +237,15 @@ class ControlledSparsity(SparsityCallback):
         assert self._gate_optimizer is not None
         gates = list(self.log_alpha.values())
         grads = [a.grad if a.grad is not None else torch.zeros_like(a) for a in gates]
-        flat = torch.cat([g.flatten() for g in grads])
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
-            flat = flat / scaler.get_scale()
-        if is_distributed():
-            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+            grads = [g / scaler.get_scale() for g in grads]
+        grads = mean_over_ranks(trainer, grads)
         self._gate_optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(flat).all()):  # a step AMP skips: leave gates and multipliers alone
+        if not all(bool(torch.isfinite(g).all()) for g in grads):  # a step AMP skips: leave gates and multipliers
             return
-        offset = 0
-        for gate in gates:
-            gate.grad = flat[offset : offset + gate.numel()].view_as(gate).clone()
-            offset += gate.numel()
+        for gate, grad in zip(gates, grads, strict=True):
+            gate.grad = grad
         target = 1.0 - self.sparsity
         densities = self.densities()
         lagrangian = sum(self.multipliers[k] * d for k, d in densities.items())

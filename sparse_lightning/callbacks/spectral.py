@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import MethodCallback, check_strategy, training_loss
+from sparse_lightning.callbacks.base import MethodCallback, check_strategy, mean_over_ranks, training_loss
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, check_int
-from sparse_lightning.core.masks import is_distributed, masks_of
+from sparse_lightning.core.masks import masks_of
 from sparse_lightning.core.plan import MethodPlan, Timeline
 from sparse_lightning.core.spectral import spectral_radius, spectral_radius_gradient
 from sparse_lightning.core.targets import select_parameters
@@ -131,11 +131,7 @@ class SpectralHessianRegularization(MethodCallback):
         self.last_step = step
         named = dict(pl_module.named_parameters())
         params = [named[n] for n in self.names]
-        penalty = self._penalty_gradient(pl_module, params)
-        if is_distributed():
-            flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in penalty]), reduce_op="mean")
-            pieces = flat.split([p.numel() for p in params])
-            penalty = [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)]
+        penalty = mean_over_ranks(trainer, self._penalty_gradient(pl_module, params))
         masks = masks_of(pl_module)
         with torch.no_grad():
             for name, p, g in zip(self.names, params, penalty, strict=True):
