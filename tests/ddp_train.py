@@ -104,6 +104,11 @@ def main(out: Path) -> None:
     elif variant == "spectral":
         pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3)
         extra_spectral = SpectralHessianRegularization(strength=0.05, bound=0.0, every=2)
+    elif variant == "spectral_neurons":
+        model.example_input_array = torch.zeros(2, 16)
+        pruning = SpectralHessianRegularization(
+            strength=0.05, bound=0.0, every=2, method="kfac", sparsity=0.5, start=1, end=10, prune_every=3
+        )
     elif variant == "l0":
         pruning = ControlledSparsity(sparsity=0.7, constraint="model", gate_lr=0.05, dual_lr=0.05)
     elif variant == "mfac_pruning":

@@ -70,10 +70,12 @@ def test_ranks_that_compute_different_masks_or_weights_are_reported(tmp_path, va
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # raised on both ranks
 
 
-@pytest.mark.parametrize("variant", ["channels", "smcp", "smcp_latency", "earlycrop_s"])
+@pytest.mark.parametrize("variant", ["channels", "smcp", "smcp_latency", "earlycrop_s", "spectral_neurons"])
 def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
     """ChannelPruning with Taylor scores and SMCP with Taylor importance (both read the averaged gradients); SMCP
-    under a latency budget with timers that differ between ranks: every rank solves with rank 0's table."""
+    under a latency budget with timers that differ between ranks: every rank solves with rank 0's table; neuron
+    pruning on Kronecker-factored saliencies (each rank's factors from its own batches, averaged at each event)
+    under the K-FAC spectral penalty."""
     result = run_ranks(tmp_path, variant)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
