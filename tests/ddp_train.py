@@ -109,8 +109,12 @@ def main(out: Path) -> None:
         pruning = SpectralHessianRegularization(
             strength=0.05, bound=0.0, every=2, method="kfac", sparsity=0.5, start=1, end=10, prune_every=3
         )
-    elif variant == "l0":
-        pruning = ControlledSparsity(sparsity=0.7, constraint="model", gate_lr=0.05, dual_lr=0.05)
+    elif variant in ("l0", "l0_structured"):
+        model.example_input_array = torch.zeros(2, 16)
+        structured = variant == "l0_structured"
+        pruning = ControlledSparsity(
+            sparsity=0.7, structured=structured, constraint="model", gate_lr=0.05, dual_lr=0.05
+        )
     elif variant == "mfac_pruning":
         pruning = MFACPruning(sparsity=0.9, start=1, end=10, every=3, num_grads=4, block_size=64, recomputations=2)
     else:

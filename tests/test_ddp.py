@@ -97,10 +97,11 @@ def test_ddp_ranks_hold_identical_channel_masks(tmp_path, variant):
         assert not ranks[0]["weights"][name][~mask].any(), name
 
 
-def test_ddp_ranks_hold_identical_l0_gates_multipliers_and_purged_masks(tmp_path):
-    """ControlledSparsity: each rank samples its own batch; the gates' gradients are averaged over ranks, so gates,
-    multipliers, weights and the purged masks agree exactly."""
-    result = run_ranks(tmp_path, "l0")
+@pytest.mark.parametrize("variant", ["l0", "l0_structured"])
+def test_ddp_ranks_hold_identical_l0_gates_multipliers_and_purged_masks(tmp_path, variant):
+    """ControlledSparsity, per weight and per channel: each rank samples its own batch; the gates' gradients are
+    averaged over ranks, so gates, multipliers, weights and the purged masks agree exactly."""
+    result = run_ranks(tmp_path, variant)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     states = [r["callback_state"] for r in ranks]
@@ -113,3 +114,6 @@ def test_ddp_ranks_hold_identical_l0_gates_multipliers_and_purged_masks(tmp_path
         assert torch.equal(mask, ranks[1]["masks"][name]), name
     assert states[0]["multipliers"]["model"] > 0  # the constraint is still pulling after 24 steps
     assert max(float(g.abs().max()) for g in states[0]["gates"].values()) > 0.1  # the gates moved from ~0
+    if variant == "l0_structured":
+        assert set(states[0]["gates"]) == {"conv", "fc1"}
+        assert all(torch.equal(k, states[1]["keeps"][g]) for g, k in states[0]["keeps"].items())

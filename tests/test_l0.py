@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -13,7 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from test_gradual import StopAfter
 
-from sparse_lightning import ControlledSparsity, masks_of
+from sparse_lightning import ControlledSparsity, compact, masks_of
+from sparse_lightning.callbacks.l0 import StructuredControlledSparsity
 from sparse_lightning.core.l0 import BETA, GAMMA, ZETA, dual_step, eval_gates, gate_probability, sample_gates
 
 
@@ -191,3 +193,99 @@ def test_bf16_mixed_precision_and_gradient_accumulation():
     for name, mask in masks_of(model).items():
         assert mask.dtype == torch.bool and params[name].dtype == torch.float32
         assert not params[name].detach()[~mask].any(), name
+
+
+def _fit_structured(root=None, epochs=6, callbacks=(), ckpt_path=None, **kwargs):
+    torch.manual_seed(0)
+    model = TinyNet("adam", lr=0.01)
+    model.example_input_array = torch.zeros(2, 16)
+    l0 = ControlledSparsity(
+        **{"sparsity": 0.6, "structured": True, "dual_lr": 0.2, "gate_lr": 0.1, "log_sparsity": False, **kwargs}
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[l0, *callbacks],
+        default_root_dir=root,
+        **{**QUIET, "enable_checkpointing": root is not None},
+    )
+    trainer.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+    return model, l0, trainer
+
+
+def test_structured_gates_act_after_the_norm_and_on_the_neurons():
+    """conv's channel gate multiplies the BatchNorm output (before it, training-mode BN would divide it out);
+    fc1's gate multiplies fc1's outputs, i.e. fc2's input neurons; one noise draw serves a whole batch."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.example_input_array = torch.zeros(2, 16)
+    plain = copy.deepcopy(model).eval()
+    l0 = ControlledSparsity(0.5, structured=True, log_sparsity=False)
+    assert isinstance(l0, StructuredControlledSparsity)
+    l0.setup(pl.Trainer(max_epochs=1, **QUIET), model, "fit")
+    assert {k: tuple(v.shape) for k, v in l0.log_alpha.items()} == {"conv": (8,), "fc1": (32,)}
+    x = torch.randn(4, 16)
+    model.eval()
+    conv_gate, fc1_gate = (eval_gates(l0.log_alpha[k]).detach() for k in ("conv", "fc1"))
+    h = plain.bn(plain.conv(x.unsqueeze(1)))
+    h = (h * conv_gate[None, :, None]).relu().flatten(1)
+    expected = plain.fc2((plain.fc1(h) * fc1_gate).relu())
+    torch.testing.assert_close(model(x), expected)
+    model.train()
+    l0._draw_noise()
+    first = model(x)
+    torch.testing.assert_close(model(x), first)  # the same gates within a batch
+    first.sum().backward()
+    assert all(float(a.grad.abs().sum()) > 0 for a in l0.log_alpha.values())
+    l0.teardown(None, model, "fit")
+    model.eval()
+    assert not torch.allclose(model(x), expected)  # the gates are gone
+
+
+def test_structured_purge_folds_the_gates_and_removes_whole_channels():
+    class Before(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            pl_module.eval()
+            self.output = pl_module(x).detach()
+            pl_module.train()
+
+    x, before = torch.randn(16, 16), Before()
+    model, l0, _ = _fit_structured(epochs=40, callbacks=[before])
+    assert l0.purged and abs(l0.expected_density() - 0.4) < 0.05
+    keeps = l0.keeps
+    conv, fc1 = ~keeps["conv"], ~keeps["fc1"]
+    assert conv.any() and fc1.any()
+    assert not model.conv.weight[conv].any() and not model.bn.weight[conv].any() and not model.bn.bias[conv].any()
+    assert not model.fc1.weight.view(32, 8, 14)[:, conv].any()
+    assert not model.fc1.weight[fc1].any() and not model.fc1.bias[fc1].any() and not model.fc2.weight[:, fc1].any()
+    assert l0.purged_density() == pytest.approx(float(torch.cat([keeps["conv"], keeps["fc1"]]).float().mean()))
+    model.eval()
+    torch.testing.assert_close(model(x), before.output)  # folding the evaluation gates changes no output
+    small, report = compact(model, torch.zeros(2, 16))
+    assert report["groups"] == {"conv": [int(keeps["conv"].sum()), 8], "fc1": [int(keeps["fc1"].sum()), 32]}
+    torch.testing.assert_close(small(x), before.output)
+    assert list(model.state_dict()) == list(TinyNet().state_dict())
+
+
+def test_structured_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, straight_l0, _ = _fit_structured(tmp_path / "a", epochs=6)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    _fit_structured(tmp_path / "b", epochs=6, callbacks=[ckpt, StopAfter(3)])
+    resumed, l0, _ = _fit_structured(tmp_path / "c", epochs=6, ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
+    for name, gate in straight_l0.log_alpha.items():
+        assert torch.equal(gate, l0.log_alpha[name]), name
+    assert l0.multipliers == straight_l0.multipliers
+    assert all(torch.equal(k, straight_l0.keeps[g]) for g, k in l0.keeps.items())
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_structured_bad_input():
+    with pytest.raises(TypeError, match="`structured` must be a bool, got 'yes'"):
+        ControlledSparsity(0.5, structured="yes")
+    with pytest.raises(ValueError, match="`constraint` must be one of"):
+        ControlledSparsity(0.5, structured=True, constraint="group")
+    model = TinyNet()
+    model.example_input_array = torch.zeros(2, 16)
+    l0 = ControlledSparsity(0.99, structured=True)
+    with pytest.raises(ValueError, match="`sparsity` 0.99 of channels can not be reached"):
+        l0.setup(pl.Trainer(max_epochs=1, **QUIET), model, "fit")

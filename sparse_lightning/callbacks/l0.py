@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy, mean_over_ranks
+from sparse_lightning.callbacks.channels import ChannelMethod
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_choice, check_int
 from sparse_lightning.core.l0 import (
@@ -18,10 +19,13 @@ from sparse_lightning.core.l0 import (
     LOG_ALPHA_MIN,
     dual_step,
     eval_gates,
+    gate_noise,
     gate_probability,
+    hard_concrete,
     init_log_alpha,
     sample_gates,
 )
+from sparse_lightning.structure.groups import ChannelGroup, Member, channel_masks
 
 CONSTRAINTS = ("layer", "model")
 
@@ -56,11 +60,12 @@ class ControlledSparsity(SparsityCallback):
 
     Memory: the gates and their Adam moments are three float32 tensors the size of the selected weights.
 
-    Not built yet: the paper's structured gates (one per input neuron of a Linear or output channel of a conv, on
-    channel groups); every gate here is one weight's.
+    ``structured=True`` gates channels instead (one gate per channel of each channel group), and returns a
+    :class:`StructuredControlledSparsity`.
 
     Args:
         sparsity: 1 - the target expected density, in [0, 1).
+        structured: one gate per channel (:class:`StructuredControlledSparsity`) instead of one per weight.
         constraint: ``layer`` (one constraint and multiplier per selected weight) or ``model`` (one over all).
         droprate_init: initial drop probability of every gate (reference: 0.5).
         gate_lr: learning rate of the gates' Adam (default 1e-2; the reference's primal Adam: 7e-4).
@@ -70,10 +75,16 @@ class ControlledSparsity(SparsityCallback):
         include, exclude, log_sparsity: as every method (only Linear and Conv weights can be gated).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ControlledSparsity:
+        if cls is ControlledSparsity and kwargs.get("structured", False) is True:
+            cls = StructuredControlledSparsity
+        return super().__new__(cls)
+
     def __init__(
         self,
         sparsity: float = 0.5,
         *,
+        structured: bool = False,
         constraint: str = "layer",
         droprate_init: float = 0.5,
         gate_lr: float = 1e-2,
@@ -84,8 +95,16 @@ class ControlledSparsity(SparsityCallback):
         exclude: Sequence[str] | None = None,
         log_sparsity: bool = True,
     ) -> None:
-        super().__init__(include=include, exclude=exclude, log_sparsity=log_sparsity)
+        if structured is not False:
+            raise ConfigTypeError(f"`structured` must be a bool, got {structured!r}.")
+        SparsityCallback.__init__(self, include=include, exclude=exclude, log_sparsity=log_sparsity)
         self.sparsity = check_fraction("sparsity", sparsity)
+        self.init_gates(constraint, droprate_init, gate_lr, dual_lr, dual_restarts, seed)
+
+    def init_gates(
+        self, constraint: str, droprate_init: float, gate_lr: float, dual_lr: float, dual_restarts: bool, seed: int
+    ) -> None:
+        """Check and store the gates' and the multipliers' arguments and declare their state."""
         self.constraint = check_choice("constraint", constraint, CONSTRAINTS)
         droprate = check_fraction("droprate_init", droprate_init)
         if droprate == 0:
@@ -138,22 +157,30 @@ class ControlledSparsity(SparsityCallback):
             return
         check_strategy(trainer, type(self).__name__)
         super().setup(trainer, pl_module, stage)
-        params = self.params()
-        modules = dict(pl_module.named_modules())
         if not self.log_alpha:
             initial = torch.Generator().manual_seed(self.seed)
             self.log_alpha = {
-                n: init_log_alpha(params[n].shape, self.droprate_init, initial).to(params[n].device).requires_grad_()
-                for n in self.names
+                key: init_log_alpha(shape, self.droprate_init, initial).to(pl_module.device).requires_grad_()
+                for key, shape in self.gate_shapes().items()
             }
             self._gate_optimizer = torch.optim.Adam(list(self.log_alpha.values()), lr=self.gate_lr)
             self.multipliers = {key: 0.0 for key in self._constraints()}
         if self.gates:  # restored from a checkpoint before setup ran
             self._restore_gates()
         if not self.purged:
-            self._layers = {n: modules[n.rpartition(".")[0]] for n in self.names}
-            for name, layer in self._layers.items():
-                layer.forward = self._gated_forward(layer, name)  # type: ignore[method-assign]
+            self.install_gates(pl_module)
+
+    def gate_shapes(self) -> dict[str, torch.Size]:
+        """One gate tensor per selected weight, shaped like it."""
+        params = self.params()
+        return {n: params[n].shape for n in self.names}
+
+    def install_gates(self, pl_module: pl.LightningModule) -> None:
+        """Compute with the gated weights during ``fit``: each gated layer's ``forward`` replaced on the instance."""
+        modules = dict(pl_module.named_modules())
+        self._layers = {n: modules[n.rpartition(".")[0]] for n in self.names}
+        for name, layer in self._layers.items():
+            layer.forward = self._gated_forward(layer, name)  # type: ignore[method-assign]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Lightning moves the module to its device after ``setup``: the gates, their optimizer state and the
@@ -174,7 +201,7 @@ class ControlledSparsity(SparsityCallback):
                         state[key] = value.to(device)
 
     def _constraints(self) -> list[str]:
-        return list(self.names) if self.constraint == "layer" else ["model"]
+        return list(self.gate_shapes()) if self.constraint == "layer" else ["model"]
 
     def _gated_forward(self, layer: nn.Module, name: str) -> Any:
         log_alpha = self.log_alpha[name]
@@ -188,7 +215,8 @@ class ControlledSparsity(SparsityCallback):
 
         return forward
 
-    def _unpatch(self) -> None:
+    def remove_gates(self) -> None:
+        """Give the gated layers their own ``forward`` back."""
         for layer in self._layers.values():
             layer.__dict__.pop("forward", None)
         self._layers = {}
@@ -206,7 +234,7 @@ class ControlledSparsity(SparsityCallback):
         if self.log_alpha and self.gates:
             self._restore_gates()
         if self.purged:
-            self._unpatch()
+            self.remove_gates()
 
     def _restore_gates(self) -> None:
         with torch.no_grad():
@@ -287,22 +315,165 @@ class ControlledSparsity(SparsityCallback):
         the masks, give the layers their own ``forward`` back; returns the fraction of weights left non-zero."""
         params = self.params()
         with torch.no_grad():
-            for name in self.names:
-                gate = eval_gates(self.log_alpha[name]).to(params[name].dtype)
-                params[name].mul_(gate)
-                self.mask_set.update(name, gate > 0)
+            for name, mask in self.fold_gates(params).items():
+                self.mask_set.update(name, mask)
         self.mask_set.apply_to_weights(params, self.names)
         if trainer is not None:
             for optimizer in trainer.optimizers:
                 self.mask_set.apply_to_optimizer_state(optimizer, params, self.names)
-        self._unpatch()
+        self.remove_gates()
         self.purged = True
-        kept = sum(int(params[n].count_nonzero()) for n in self.names) / max(self.num_selected, 1)
+        kept = self.purged_density()
         if trainer is not None and self.log_sparsity:
             for logger in trainer.loggers:
                 logger.log_metrics({"l0/purged_density": kept}, step=trainer.global_step)
         return kept
 
+    def fold_gates(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """w <- w * (evaluation gate) for every gated weight; returns the masks (True where the gate is open)."""
+        masks = {}
+        for name in self.names:
+            gate = eval_gates(self.log_alpha[name]).to(params[name].dtype)
+            params[name].mul_(gate)
+            masks[name] = gate > 0
+        return masks
+
+    def purged_density(self) -> float:
+        """The fraction of the gated weights that are not zero."""
+        params = self.params()
+        return sum(int(params[n].count_nonzero()) for n in self.names) / max(self.num_selected, 1)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unpatch()
+        self.remove_gates()
         super().teardown(trainer, pl_module, stage)
+
+
+class StructuredControlledSparsity(ControlledSparsity, ChannelMethod):
+    """Constrained L0 on channels: what ``ControlledSparsity(sparsity, structured=True)`` returns.
+
+    One hard-concrete gate per channel of each selected channel group (the groups of
+    :class:`~sparse_lightning.callbacks.ChannelPruning`: a Linear layer's output neurons, which are the next layer's
+    input neurons, or a convolution's output channels, with everything coupled to them), as the paper's structured
+    experiments gate output channels of convolutions and input neurons of Linear layers (Louizos et al.'s group
+    sparsity). The gate multiplies the channel after its normalization layer when the group has one (a gate before
+    batch normalization would be divided out again in training mode), else the producers' outputs; one noise draw
+    per group and training batch, so the producers of a residual sum share their gate. The constraint is the expected
+    fraction of open channel gates <= 1 - ``sparsity``, per group (``constraint="layer"``) or over all selected
+    channels (``"model"``); gates, multipliers, dual restarts and learning rates as :class:`ControlledSparsity`.
+
+    At the end of ``fit`` the evaluation gates are folded into the normalization's weight and bias (or the
+    producers' rows and biases), and each closed channel is removed as a whole: its channel mask zeroes the
+    producer rows, biases, normalization entries and every consumer's input columns, so ``sparse_lightning.compact``
+    (or ``sparse-lightning export --compact``) gives the smaller model. ``l0/purged_density`` is then the fraction
+    of channels kept. Not covered: the network's input features (not a channel group), and a normalization layer
+    without affine parameters after a producer (the gate sits before it and is divided out).
+
+    Args:
+        sparsity: 1 - the target expected fraction of open channel gates, in [0, 1).
+        constraint, droprate_init, gate_lr, dual_lr, dual_restarts, seed: as :class:`ControlledSparsity`.
+        include, exclude: patterns on the names of a group's producer parameters (as ``ChannelPruning``'s).
+        log_sparsity: as every method.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        *,
+        structured: bool = True,
+        constraint: str = "layer",
+        droprate_init: float = 0.5,
+        gate_lr: float = 1e-2,
+        dual_lr: float = 0.1,
+        dual_restarts: bool = True,
+        seed: int = 0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        ChannelMethod.__init__(self, cost="channels", include=include, exclude=exclude, log_sparsity=log_sparsity)
+        self.sparsity = check_fraction("sparsity", sparsity)
+        self.init_gates(constraint, droprate_init, gate_lr, dual_lr, dual_restarts, seed)
+        self._noise: dict[str, Tensor] = {}
+        self._gate_handles: list[Any] = []
+
+    def describe(self) -> str:
+        return f"hard-concrete gate per channel, expected open fraction <= {1 - self.sparsity:g} per {self.constraint}"
+
+    def memory_bytes(self, params: Mapping[str, Tensor]) -> int:
+        return sum(3 * 4 * g.channels for g in self.groups)
+
+    def gate_shapes(self) -> dict[str, torch.Size]:
+        return {g.name: torch.Size([g.channels]) for g in self.groups}
+
+    def _gated_members(self, group: ChannelGroup) -> list[Member]:
+        """Where the group's gate acts: its normalization weights' layers, else its producers."""
+        return group.role("norm_weight") or group.role("producer")
+
+    def install_gates(self, pl_module: pl.LightningModule) -> None:
+        modules = dict(pl_module.named_modules())
+        self.remove_gates()
+        for group in self.groups:
+            for member in self._gated_members(group):
+                layer = modules[member.param.rpartition(".")[0]]
+                where = torch.full((layer_width(layer, member),), group.channels, dtype=torch.long)
+                where[member.index] = member.channel
+                self._gate_handles.append(layer.register_forward_hook(self._gate_hook(group.name, where)))
+
+    def _gate_hook(self, group: str, where: Tensor) -> Any:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            log_alpha = self.log_alpha[group]
+            if layer.training:
+                if group not in self._noise:
+                    self._draw_noise()
+                gate = hard_concrete(log_alpha, self._noise[group])
+            else:
+                gate = eval_gates(log_alpha)
+            positions = torch.cat([gate, gate.new_ones(1)])[where.to(gate.device)].to(output.dtype)
+            dim = output.dim() - 1 if isinstance(layer, nn.Linear) else 1
+            shape = [1] * output.dim()
+            shape[dim] = -1
+            return output * positions.view(shape)
+
+        return hook
+
+    def _draw_noise(self) -> None:
+        self._noise = {
+            name: gate_noise(a.shape, self.generator, a.device, a.dtype) for name, a in self.log_alpha.items()
+        }
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, idx)
+        if not self.purged:
+            self._draw_noise()
+
+    def remove_gates(self) -> None:
+        for handle in getattr(self, "_gate_handles", []):
+            handle.remove()
+        self._gate_handles = []
+
+    def fold_gates(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Fold each group's evaluation gates where they act and close the channels whose gate is 0 (one, the most
+        open, stays in a group whose gates all closed); returns the channel masks as element masks."""
+        for group in self.groups:
+            gate = eval_gates(self.log_alpha[group.name]).detach().cpu()
+            scaled = {m.param.rpartition(".")[0] for m in self._gated_members(group)}
+            roles = ("norm_weight", "norm_bias") if group.role("norm_weight") else ("producer", "bias")
+            for member in group.role(*roles):
+                if member.param.rpartition(".")[0] in scaled:
+                    moved = params[member.param].movedim(member.dim, 0)
+                    factor = gate[member.channel].to(moved)
+                    moved[member.index] *= factor.view(-1, *[1] * (moved.dim() - 1))
+            keep = gate > 0
+            if not keep.any():
+                keep[int(self.log_alpha[group.name].detach().argmax())] = True
+            self.keeps[group.name] = keep
+        return channel_masks(self.groups, self.keeps, {n: params[n].shape for n in self.names})
+
+    def purged_density(self) -> float:
+        """The fraction of the selected channels kept."""
+        return sum(int(k.sum()) for k in self.keeps.values()) / max(sum(g.channels for g in self.groups), 1)
+
+
+def layer_width(layer: nn.Module, member: Member) -> int:
+    """The size of the output dimension a gate scales: a norm's channels, a Linear's outputs, a conv's channels."""
+    return int(getattr(layer, member.param.rpartition(".")[2]).shape[member.dim])

@@ -69,7 +69,8 @@ class SpectralHessianRegularization(MethodCallback):
     padding) can be selected. A layer's G uses the batch-mean loss's output gradients times the batch size (the
     per-sample gradients of a mean loss).
 
-    Defaults: mu 0.01 and K 10 lie in Sandler's ranges (mu 5e-4 to 0.1, K in {0, 1, 2, 10, 100, 250}); ``every=1``
+    ``strength=0`` computes nothing (with ``sparsity`` > 0: neuron pruning without the regularizer). Defaults: mu
+    0.01 and K 10 lie in Sandler's ranges (mu 5e-4 to 0.1, K in {0, 1, 2, 10, 100, 250}); ``every=1``
     regularizes every step as the paper does.
 
     Args:
@@ -202,7 +203,7 @@ class SpectralHessianRegularization(MethodCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step
-        if step != self.last_step and step % self.every == 0 and self._batch is not None:
+        if self.strength > 0 and step != self.last_step and step % self.every == 0 and self._batch is not None:
             self.last_step = step
             self._regularize(trainer, pl_module)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -288,8 +289,8 @@ class SpectralHessianRegularization(MethodCallback):
                 layer_rows(layer, inputs), output_rows(layer, grad), inputs.shape[0], layer.bias is not None
             )
             radii.append(kronecker_radius(factor_a, factor_g))
-        rho = max(radii, key=float)
-        self.rho = float(rho)
+        rho = max(radii, key=lambda r: float(r.detach()))
+        self.rho = float(rho.detach())
         if self.rho <= self.bound:
             return [torch.zeros_like(p) for p in params]
         gradient = torch.autograd.grad(rho, params, allow_unused=True)

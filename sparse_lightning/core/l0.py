@@ -25,12 +25,22 @@ def init_log_alpha(shape: torch.Size, droprate: float, generator: torch.Generato
     return math.log((1 - droprate) / droprate) + noise
 
 
+def gate_noise(
+    shape: torch.Size, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """u ~ U(0, 1) for one sample of each gate, kept away from 0 and 1."""
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp(_EPS, 1 - _EPS)
+
+
+def hard_concrete(log_alpha: Tensor, noise: Tensor) -> Tensor:
+    """The gate z for noise u (differentiable in ``log_alpha``)."""
+    s = torch.sigmoid((torch.log(noise) - torch.log1p(-noise) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
 def sample_gates(log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One hard-concrete sample per gate (differentiable in ``log_alpha``)."""
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=log_alpha.dtype)
-    u = u.clamp(_EPS, 1 - _EPS)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    return hard_concrete(log_alpha, gate_noise(log_alpha.shape, generator, log_alpha.device, log_alpha.dtype))
 
 
 def gate_probability(log_alpha: Tensor) -> Tensor:
