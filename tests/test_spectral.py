@@ -298,7 +298,7 @@ def test_bad_input():
         SpectralHessianRegularization(method="lanczos")
     with pytest.raises(ValueError, match=r"\['start'\] configure neuron pruning, which runs only with `sparsity` > 0"):
         SpectralHessianRegularization(start=0.1)
-    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['boundd'\]"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'boundd'"):
         SpectralHessianRegularization(boundd=3)
     with pytest.raises(ValueError, match="`sparsity` must"):
         SpectralHessianRegularization(sparsity=1.5)
@@ -417,3 +417,17 @@ def test_pruned_neurons_are_whole_rows_and_columns_of_exact_zeros(method):
     assert not model.fc1.weight.view(32, 8, 14)[:, conv].any()
     assert not model.fc1.weight[fc1].any() and not model.fc1.bias[fc1].any() and not model.fc2.weight[:, fc1].any()
     assert model.fc1.weight[~fc1][:, keeps["conv"].repeat_interleave(14)].all()  # kept neurons stay dense
+
+
+def test_neuron_pruning_is_built_from_a_config_with_every_argument_given():
+    """LightningCLI and recipes pass every argument of the regularizer's signature, the unset ones as None."""
+    unset = dict.fromkeys(("cost", "round_to", "start", "end", "prune_every", "curve", "compact_during_fit"))
+    pruning = SpectralHessianRegularization(0.01, sparsity=0.5, **unset)
+    assert isinstance(pruning, SpectralNeuronPruning) and isinstance(pruning, SpectralHessianRegularization)
+    assert (pruning.cost, pruning.round_to, pruning.curve, pruning.compact_during_fit) == (
+        "channels",
+        1,
+        "cubic",
+        False,
+    )
+    assert type(SpectralHessianRegularization(0.01, sparsity=0.0, **unset)) is SpectralHessianRegularization

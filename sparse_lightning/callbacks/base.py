@@ -125,6 +125,20 @@ def _restored(current: Any, saved: Any, device: torch.device) -> Any:
     return saved
 
 
+class Variants:
+    """Lets a method's constructor return a subclass chosen by its arguments (``Method(structured=True)`` is a
+    ``StructuredMethod``): the subclass is an instance of the method, and the method's ``__init__`` stays the
+    signature that recipes, the command line and ``LightningCLI`` read."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return super().__new__(cls.variant(kwargs))  # type: ignore[misc]
+
+    @classmethod
+    def variant(cls, kwargs: Mapping[str, Any]) -> type:
+        """The class to build for keyword arguments ``kwargs`` (default: ``cls``)."""
+        return cls
+
+
 class MethodCallback(pl.Callback):
     """What every method callback shares: declared state in checkpoints, the strategy check and :meth:`plan`.
 

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_strategy, mean_over_ranks
+from sparse_lightning.callbacks.base import (
+    SparsityCallback,
+    Variants,
+    check_fraction,
+    check_strategy,
+    mean_over_ranks,
+)
 from sparse_lightning.callbacks.channels import ChannelMethod
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.errors import ConfigError, ConfigTypeError, check_choice, check_int
@@ -31,7 +37,7 @@ CONSTRAINTS = ("layer", "model")
 
 
 @register("controlled_sparsity")
-class ControlledSparsity(SparsityCallback):
+class ControlledSparsity(Variants, SparsityCallback):
     """Sparsity as a constraint: Gallego-Posada, Ramirez, Erraqabi, Bengio & Lacoste-Julien, "Controlled Sparsity
     via Constrained Optimization or: How I Learned to Stop Tuning Penalties and Love Constraints" (NeurIPS 2022).
 
@@ -75,10 +81,10 @@ class ControlledSparsity(SparsityCallback):
         include, exclude, log_sparsity: as every method (only Linear and Conv weights can be gated).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> ControlledSparsity:
-        if cls is ControlledSparsity and kwargs.get("structured", False) is True:
-            cls = StructuredControlledSparsity
-        return super().__new__(cls)
+    @classmethod
+    def variant(cls, kwargs: Mapping[str, Any]) -> type:
+        structured = cls is ControlledSparsity and kwargs.get("structured", False) is True
+        return StructuredControlledSparsity if structured else cls
 
     def __init__(
         self,

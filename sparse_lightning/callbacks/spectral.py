@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_lightning.callbacks.base import MethodCallback, check_strategy, mean_over_ranks, training_loss
+from sparse_lightning.callbacks.base import MethodCallback, Variants, check_strategy, mean_over_ranks, training_loss
 from sparse_lightning.callbacks.channels import COSTS, ChannelMethod
 from sparse_lightning.callbacks.gradual import GradualSchedule
 from sparse_lightning.callbacks.registry import register
@@ -40,7 +40,7 @@ KFAC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @register("spectral_hessian")
-class SpectralHessianRegularization(MethodCallback):
+class SpectralHessianRegularization(Variants, MethodCallback):
     """Flatter minima by penalizing the Hessian's spectral radius: Sandler, Klabjan & Luo, "Non-Convex Optimization
     with Spectral Radius Regularization" (arXiv 2102.11210); with ``sparsity`` > 0, neuron pruning during training
     as Ebrahimi & Klabjan, "Neuron-based Pruning of Deep Neural Networks with Better Generalization using Kronecker
@@ -87,10 +87,10 @@ class SpectralHessianRegularization(MethodCallback):
             (:class:`SpectralNeuronPruning`).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> SpectralHessianRegularization:
-        if cls is SpectralHessianRegularization and kwargs.get("sparsity", 0.0) not in (0, 0.0):
-            cls = SpectralNeuronPruning
-        return super().__new__(cls)
+    @classmethod
+    def variant(cls, kwargs: Mapping[str, Any]) -> type:
+        pruning = cls is SpectralHessianRegularization and kwargs.get("sparsity", 0.0) not in (0, 0.0)
+        return SpectralNeuronPruning if pruning else cls
 
     def __init__(
         self,
@@ -106,14 +106,20 @@ class SpectralHessianRegularization(MethodCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log: bool = True,
-        **pruning: Any,
+        cost: str | None = None,
+        round_to: int | None = None,
+        start: TimeValue | None = None,
+        end: TimeValue | None = None,
+        prune_every: TimeValue | None = None,
+        curve: str | None = None,
+        compact_during_fit: bool | None = None,
     ) -> None:
-        unknown = sorted(set(pruning) - set(PRUNING_ARGUMENTS))
-        if unknown:
-            raise TypeError(f"SpectralHessianRegularization got unexpected keyword arguments {unknown}.")
-        if pruning:
+        values = (cost, round_to, start, end, prune_every, curve, compact_during_fit)
+        pruning = dict(zip(PRUNING_ARGUMENTS, values, strict=True))
+        given = [name for name, value in pruning.items() if value is not None]
+        if given:
             raise ConfigError(
-                f"{sorted(pruning)} configure neuron pruning, which runs only with `sparsity` > 0 (got {sparsity!r})."
+                f"{given} configure neuron pruning, which runs only with `sparsity` > 0 (got {sparsity!r})."
             )
         MethodCallback.__init__(self)
         self.sparsity = 0.0
@@ -360,23 +366,26 @@ class SpectralNeuronPruning(SpectralHessianRegularization, GradualSchedule, Chan
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         log: bool = True,
-        cost: str = "channels",
-        round_to: int = 1,
-        start: TimeValue = 0,
-        end: TimeValue = 0.75,
-        prune_every: TimeValue = 100,
-        curve: str = "cubic",
-        compact_during_fit: bool = False,
+        cost: str | None = "channels",
+        round_to: int | None = 1,
+        start: TimeValue | None = 0,
+        end: TimeValue | None = 0.75,
+        prune_every: TimeValue | None = 100,
+        curve: str | None = "cubic",
+        compact_during_fit: bool | None = False,
     ) -> None:
+        # None (what a config file built from the regularizer's signature holds) means the default
         ChannelMethod.__init__(
             self,
-            cost=cost,
-            round_to=round_to,
+            cost="channels" if cost is None else cost,
+            round_to=1 if round_to is None else round_to,
             include=include,
             exclude=exclude,
-            compact_during_fit=compact_during_fit,
+            compact_during_fit=bool(compact_during_fit),
             log_sparsity=log,
         )
+        start, end = 0 if start is None else start, 0.75 if end is None else end
+        prune_every, curve = 100 if prune_every is None else prune_every, curve or "cubic"
         self.init_schedule(sparsity, 0.0, start, end, prune_every, curve)
         if self.sparsity == 0:
             raise ConfigError("SpectralNeuronPruning needs `sparsity` > 0; without pruning use the regularizer alone.")
