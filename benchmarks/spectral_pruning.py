@@ -11,6 +11,8 @@ epochs 10% to 60%, an event every 40 steps), masks during training:
 - ``saliency``: ``SpectralHessianRegularization(strength=0, sparsity=0.5)``: the Kronecker-factored saliency alone.
 - ``spectral-kfac`` / ``spectral-hvp``: the same with the penalty, mu 0.01, K 0, every step, ``method="kfac"`` or
   ``"hvp"`` (Ebrahimi & Klabjan prune and regularize together).
+- ``l0-structured``: ``ControlledSparsity(0.5, structured=True, constraint="model")``, one hard-concrete gate per
+  channel, at most half of them expected open (a constraint, not a count: the channels removed vary).
 - ``dense``: no pruning.
 
 Reported: test accuracy of the pruned model, rho(H) at the end (power iteration, tolerance 1e-6, on 1000 training
@@ -31,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("dense", "l2", "saliency", "spectral-kfac", "spectral-hvp")
+METHODS = ("dense", "l2", "saliency", "spectral-kfac", "spectral-hvp", "l0-structured")
 LEVEL = 0.5
 
 
@@ -70,6 +72,12 @@ def run(config: dict) -> dict:
     if method == "l2":
         callbacks.append(
             ChannelPruning(LEVEL, cost="channels", criterion="l2", every=40, log_sparsity=False, **schedule)
+        )
+    elif method == "l0-structured":
+        from sparse_lightning import ControlledSparsity
+
+        callbacks.append(
+            ControlledSparsity(LEVEL, structured=True, constraint="model", seed=config["seed"], log_sparsity=False)
         )
     elif method != "dense":
         strength = 0.0 if method == "saliency" else 0.01
@@ -125,22 +133,41 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--append", action="store_true", help="keep the CSV's rows of the other methods")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args()
     if not args.skip_accuracy:
         configs = [
-            {"method": m, "seed": s, "epochs": args.epochs} for s in range(args.seeds) for m in reversed(METHODS)
+            {"method": m, "seed": s, "epochs": args.epochs} for s in range(args.seeds) for m in reversed(args.methods)
         ]
         with ProcessPoolExecutor(args.workers) as pool:
             results = list(pool.map(run, configs))
         RESULTS.mkdir(exist_ok=True)
-        with open(RESULTS / "spectral_pruning.csv", "w", newline="") as f:
+        path = RESULTS / "spectral_pruning.csv"
+        if args.append and path.exists():
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r["method"] not in args.methods]
+            results = [{k: _number(v) for k, v in r.items()} for r in kept] + results
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(results[0]))
             writer.writeheader()
             writer.writerows(results)
         write_accuracy(results, args)
+    if args.skip_cost:
+        return
     costs = {name: step_costs(name, args.rounds) for name in ("cnn", "mlp")}
     write_costs(costs, args)
+
+
+def _number(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def write_accuracy(results: list[dict], args: argparse.Namespace) -> None:
@@ -152,10 +179,13 @@ def write_accuracy(results: list[dict], args: argparse.Namespace) -> None:
         "saliency": "Kronecker-factored saliency, no penalty (strength 0)",
         "spectral-kfac": "saliency + K-FAC penalty (mu 0.01, K 0)",
         "spectral-hvp": "saliency + Hessian penalty, power iteration (mu 0.01, K 0)",
+        "l0-structured": "`ControlledSparsity(0.5, structured=True, constraint='model')`",
     }
     body = []
     for method in METHODS:
-        rows = [r for r in results if r["method"] == method]
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
+        if not rows:
+            continue
         body.append(
             [
                 labels[method],
@@ -166,7 +196,10 @@ def write_accuracy(results: list[dict], args: argparse.Namespace) -> None:
             ]
         )
     header = ["run", "test acc %", "rho(H) at the end (per seed)", "channels removed of 75", "ms per step"]
-    command = f"python benchmarks/spectral_pruning.py --seeds {args.seeds} --epochs {args.epochs}"
+    command = (
+        f"python benchmarks/spectral_pruning.py --seeds {args.seeds} --epochs {args.epochs}` (then `... --methods "
+        f"l0-structured --append --skip-cost`"
+    )
     write_section(
         "spectral-pruning",
         "## Neuron pruning with the spectral regularizer on MNIST-1D (paper CNN)\n\n"

@@ -202,7 +202,8 @@ class MFACPruning(GradualMagnitudePruning):
     Args (besides those of :class:`GradualMagnitudePruning`):
         num_grads: gradients per event (m).
         damp: lambda of F = lambda * I + (1/m) G^T G.
-        block_size: coordinates per block of the block-diagonal F (``None``: one dense block).
+        block_size: coordinates per block of the block-diagonal F (``None``: one dense block); blocks shorter than
+            ``num_grads`` are inverted explicitly (oBERT: blocks of 50, 1024 gradients).
         recomputations: steps per event.
     """
 
@@ -246,8 +247,6 @@ class MFACPruning(GradualMagnitudePruning):
         self.damp = check_damp(damp)
         self.block_size = check_int("block_size", block_size, 1, allow_none=True)
         self.recomputations = check_int("recomputations", recomputations, 1)
-        if self.block_size is not None and self.block_size < self.num_grads:
-            raise ConfigError(f"`block_size` {block_size} must be >= `num_grads` {num_grads}.")
         self.add_state("grads", None)
         self.add_state("filled", 0)
         self.add_state("next_row", 0)
