@@ -42,6 +42,20 @@ def test_block_masks_are_exact_blocks():
     assert torch.equal(mask, expected)
 
 
+def test_conv_blocks_hold_consecutive_input_channels_at_one_kernel_position_as_sparsemls_block4():
+    """SparseML's block4 permutes a conv weight's input channels last and groups 4 consecutive ones; the same
+    tiles here, written out by hand on a 2 x 8 x 3 weight."""
+    torch.manual_seed(0)
+    score = torch.rand(2, 8, 3)
+    mask = keep(score, "block:1x4", 0.5)
+    expected = torch.zeros_like(mask)
+    tiles = [(o, k, c) for o in range(2) for k in range(3) for c in range(2)]  # 12 tiles of 4 input channels
+    means = {t: float(score[t[0], 4 * t[2] : 4 * t[2] + 4, t[1]].mean()) for t in tiles}
+    for o, k, c in sorted(tiles, key=means.get)[6:]:
+        expected[o, 4 * c : 4 * c + 4, k] = True
+    assert torch.equal(mask, expected)
+
+
 def test_channel_pattern_keeps_at_least_one_channel():
     score = torch.rand(4, 3)
     mask = keep(score, "channel", 0.99)
@@ -66,5 +80,5 @@ def test_bad_pattern_strings(text, message):
 def test_too_small_tensors_are_named():
     with pytest.raises(ValueError, match=r"'fc.weight' of shape \(4, 6\) is too small for pattern 2:4"):
         parse_pattern("2:4").check("fc.weight", torch.Size([4, 6]))
-    with pytest.raises(ValueError, match="does not divide into 4x1 blocks"):
+    with pytest.raises(ValueError, match="does not divide into blocks of 4 outputs x 1 inputs"):
         parse_pattern("block:4x1").check("fc.weight", torch.Size([6, 8]))

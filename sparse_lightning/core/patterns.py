@@ -7,7 +7,10 @@ A pattern splits a weight into *units* that are pruned as a whole, each scored b
   along ``i`` for each ``(o, *k)``, as the 2:4 sparse tensor cores expect). A unit is one group of M; pruning it
   removes its M - N smallest-scored elements. Sparsity therefore grows gradually from dense to ``1 - N/M`` as
   more groups become N:M sparse, and can not exceed ``1 - N/M``.
-- ``"block:RxC"``: blocks of R output rows by C columns of the weight viewed as ``[out, in * prod(kernel)]``.
+- ``"block:RxC"``: blocks of R outputs by C consecutive inputs, along the input dimension as N:M groups
+  (``weight[o, i, *k]`` for each kernel position ``k``): a Linear weight's R x C tiles; in a convolution, C
+  consecutive input channels at one kernel position, as SparseML's ``block4`` (``[1, 4]``) and channels-last block
+  kernels group them.
 - ``channel``: whole output channels (rows ``weight[o]``); at least one channel is always kept.
 
 Elements whose score is ``-inf`` (already pruned) make their unit score ``-inf``, so units that were pruned stay
@@ -57,13 +60,12 @@ class Pattern:
                 f"Parameter {name!r} of shape {tuple(shape)} is too small for pattern {self}: its input dimension "
                 f"{shape[1]} is not a multiple of M={self.m}. Exclude it or choose another pattern."
             )
-        if self.kind == "block":
-            rows, cols = shape[0], math.prod(shape[1:])
-            if rows % self.n or cols % self.m:
-                raise ConfigError(
-                    f"Parameter {name!r} of shape {tuple(shape)} (viewed as {rows}x{cols}) does not divide into "
-                    f"{self.n}x{self.m} blocks. Exclude it or choose another pattern."
-                )
+        if self.kind == "block" and (shape[0] % self.n or shape[1] % self.m):
+            raise ConfigError(
+                f"Parameter {name!r} of shape {tuple(shape)} does not divide into blocks of {self.n} outputs x "
+                f"{self.m} inputs (its output and input dimensions are {shape[0]} and {shape[1]}). Exclude it or "
+                "choose another pattern."
+            )
 
     def num_units(self, shape: torch.Size) -> int:
         numel = math.prod(shape)
@@ -114,10 +116,11 @@ class Pattern:
             drop = torch.zeros_like(keep).scatter_(-1, order, True)
             keep = ~(drop & pruned_units.view(groups.shape[:-1]).unsqueeze(-1))
             return self._ungroup(keep, score.shape)
-        rows, cols = score.shape[0], score[0].numel()
-        block_keep = (~pruned_units).view(rows // self.n, 1, cols // self.m, 1)
-        keep = block_keep.expand(rows // self.n, self.n, cols // self.m, self.m)
-        return keep.reshape(score.shape).clone()
+        outs, inputs = score.shape[0], score.shape[1]
+        positions = score[0, 0].numel()
+        block_keep = (~pruned_units).view(outs // self.n, 1, positions, inputs // self.m, 1)
+        keep = block_keep.expand(outs // self.n, self.n, positions, inputs // self.m, self.m)
+        return self._ungroup(keep.reshape(outs, positions, inputs), score.shape)
 
     def _groups(self, t: Tensor) -> Tensor:
         moved = t.movedim(1, -1) if t.dim() > 2 else t
@@ -130,8 +133,11 @@ class Pattern:
         return groups.reshape(shape)
 
     def _blocks(self, t: Tensor) -> Tensor:
-        rows, cols = t.shape[0], t[0].numel()
-        return t.reshape(rows // self.n, self.n, cols // self.m, self.m).transpose(1, 2)
+        """(out blocks, kernel positions, input blocks, R, C), in unit order."""
+        outs, inputs = t.shape[0], t.shape[1]
+        moved = (t.movedim(1, -1) if t.dim() > 2 else t).reshape(outs, -1, inputs)
+        blocks = moved.reshape(outs // self.n, self.n, moved.shape[1], inputs // self.m, self.m)
+        return blocks.permute(0, 2, 3, 1, 4)
 
 
 _NM = re.compile(r"^(\d+):(\d+)$")
