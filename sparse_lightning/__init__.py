@@ -11,17 +11,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "ACDC": "sparse_lightning.callbacks",
     "ChannelPruning": "sparse_lightning.callbacks",
     "ConstantMask": "sparse_lightning.callbacks",
     "ControlledSparsity": "sparse_lightning.callbacks",
     "EarlyCroP": "sparse_lightning.callbacks",
     "GaP": "sparse_lightning.callbacks",
     "GradualMagnitudePruning": "sparse_lightning.callbacks",
+    "LearningRateFunction": "sparse_lightning.callbacks",
     "MFACPreconditioner": "sparse_lightning.callbacks",
     "MFACPruning": "sparse_lightning.callbacks",
     "RigL": "sparse_lightning.callbacks",
     "SET": "sparse_lightning.callbacks",
     "SNIP": "sparse_lightning.callbacks",
+    "SetWeightDecay": "sparse_lightning.callbacks",
     "SoftMaskChannelPruning": "sparse_lightning.callbacks",
     "SparsityCallback": "sparse_lightning.callbacks",
     "SparsityMonitor": "sparse_lightning.callbacks",
@@ -33,6 +36,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ACDC",
     "SET",
     "SNIP",
     "ChannelPruning",
@@ -41,9 +45,11 @@ __all__ = [
     "EarlyCroP",
     "GaP",
     "GradualMagnitudePruning",
+    "LearningRateFunction",
     "MFACPreconditioner",
     "MFACPruning",
     "RigL",
+    "SetWeightDecay",
     "SoftMaskChannelPruning",
     "SparsityCallback",
     "SparsityMonitor",
@@ -56,6 +62,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from sparse_lightning.callbacks import (
+        ACDC,
         SET,
         SNIP,
         ChannelPruning,
@@ -64,9 +71,11 @@ if TYPE_CHECKING:
         EarlyCroP,
         GaP,
         GradualMagnitudePruning,
+        LearningRateFunction,
         MFACPreconditioner,
         MFACPruning,
         RigL,
+        SetWeightDecay,
         SoftMaskChannelPruning,
         SparsityCallback,
         SparsityMonitor,

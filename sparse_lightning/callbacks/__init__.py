@@ -1,5 +1,6 @@
 """Lightning callbacks, one file per method, all on :class:`~sparse_lightning.callbacks.base.SparsityCallback`."""
 
+from sparse_lightning.callbacks.acdc import ACDC
 from sparse_lightning.callbacks.base import SparsityCallback
 from sparse_lightning.callbacks.channels import ChannelPruning
 from sparse_lightning.callbacks.dst import SET, RigL, StaticRandomMask
@@ -9,12 +10,14 @@ from sparse_lightning.callbacks.gradual import ConstantMask, GradualMagnitudePru
 from sparse_lightning.callbacks.l0 import ControlledSparsity
 from sparse_lightning.callbacks.mfac import MFACPreconditioner, MFACPruning
 from sparse_lightning.callbacks.monitor import SparsityMonitor
+from sparse_lightning.callbacks.optimizer import LearningRateFunction, SetWeightDecay
 from sparse_lightning.callbacks.registry import METHODS, register
 from sparse_lightning.callbacks.smcp import SoftMaskChannelPruning
 from sparse_lightning.callbacks.snip import SNIP
 from sparse_lightning.callbacks.spectral import SpectralHessianRegularization
 
 __all__ = [
+    "ACDC",
     "METHODS",
     "ChannelPruning",
     "ConstantMask",
@@ -22,11 +25,13 @@ __all__ = [
     "EarlyCroP",
     "GaP",
     "GradualMagnitudePruning",
+    "LearningRateFunction",
     "MFACPreconditioner",
     "MFACPruning",
     "RigL",
     "SET",
     "SNIP",
+    "SetWeightDecay",
     "SoftMaskChannelPruning",
     "SparsityCallback",
     "SparsityMonitor",
