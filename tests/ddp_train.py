@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TinyNet, flop_seconds, tiny_loader  # noqa: E402
 
 from sparse_lightning import (  # noqa: E402
+    ACDC,
     SET,
     ChannelPruning,
     ControlledSparsity,
@@ -104,6 +105,8 @@ def main(out: Path) -> None:
     elif variant == "spectral":
         pruning = GradualMagnitudePruning(sparsity=0.9, start=1, end=10, every=3)
         extra_spectral = SpectralHessianRegularization(strength=0.05, bound=0.0, every=2)
+    elif variant == "acdc":
+        pruning = ACDC(sparsity=0.9, start=2, end=18, phase=4)
     elif variant == "spectral_neurons":
         model.example_input_array = torch.zeros(2, 16)
         pruning = SpectralHessianRegularization(

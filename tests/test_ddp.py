@@ -20,7 +20,7 @@ def run_ranks(tmp_path: Path, variant: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "distribution",
-    ["global", "erk", "rigl", "set", "gap", "mfac_preconditioner", "mfac_pruning", "earlycrop", "spectral"],
+    ["global", "erk", "rigl", "set", "gap", "mfac_preconditioner", "mfac_pruning", "earlycrop", "spectral", "acdc"],
 )
 def test_ddp_ranks_hold_identical_masks_and_reach_target(tmp_path, distribution):
     result = run_ranks(tmp_path, distribution)
