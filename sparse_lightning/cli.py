@@ -308,6 +308,9 @@ def recipes_command(argv: Sequence[str]) -> int:
 
 
 def import_sparseml(file: str, output: str | None, prefix: str) -> int:
+    """Convert, validate the result as a recipe (in a scratch file), and only then print or write it."""
+    import tempfile
+
     import yaml
 
     from sparse_lightning.recipes import load
@@ -315,13 +318,20 @@ def import_sparseml(file: str, output: str | None, prefix: str) -> int:
 
     recipe, problems = convert_sparseml(file, prefix)
     text = yaml.safe_dump(recipe, sort_keys=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        trial = Path(scratch) / f"{Path(file).stem}.yaml"
+        trial.write_text(text)
+        try:
+            load(trial)
+        except ConfigError as err:
+            message = str(err).replace(str(trial), "the converted recipe")
+            raise ConfigError(f"{file}: {message}") from None
     for problem in problems:
         print(f"{file}: {problem}", file=sys.stderr)
     if output is None:
         print(text, end="")
         return 0
     Path(output).write_text(text)
-    load(output)
     print(f"wrote {output} ({len(recipe['stages'])} stage(s); {len(problems)} item(s) not converted)", file=sys.stderr)
     return 0
 
@@ -352,6 +362,7 @@ def validate_recipe(
 ) -> int:
     """Print each method's plan (selection, events, memory) without training; errors are those ``fit`` gives."""
     from sparse_lightning.callbacks.base import MethodCallback
+    from sparse_lightning.core.targets import naming_hint
     from sparse_lightning.recipes import load
     from sparse_lightning.recipes.loader import instantiate
 
@@ -368,7 +379,10 @@ def validate_recipe(
         try:
             plan = callback.plan(model, timeline)
         except ConfigError as err:
-            raise ConfigError(f"{loaded.path}: method {i} ({type(callback).__name__}): {err}") from None
+            patterns = [p for c in loaded.callbacks for p in (getattr(c, "include", None) or [])]
+            hint = naming_hint(patterns, [n for n, _ in model.named_parameters()])
+            message = f"{loaded.path}: method {i} ({type(callback).__name__}): {err}"
+            raise ConfigError(f"{message} {hint}".rstrip()) from None
         print(f"\n[{i}] {plan.summary()}")
     return 0
 

@@ -24,6 +24,8 @@ def test_curve_values_at_chosen_points():
     # exponential: density halves from 1 to 0.25 over the window -> 0.5 at the middle
     assert sparsity_at(50, 0, 100, 0.0, 0.75, "exponential") == pytest.approx(0.5)
     assert sparsity_at(1, 0, 100, 0.0, 0.75, "constant") == 0.75
+    # SparseML's inverse_cubic: 1 - (1 - 7/8)^(1/3) = 1/2 of the way at 7/8 of the window
+    assert sparsity_at(875, 0, 1000, 0.1, 0.9, "inverse_cubic") == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("curve", sorted(CURVES))

@@ -10,6 +10,7 @@ Curves map progress ``p = (t - start) / (end - start)`` in [0, 1] to a sparsity 
 ``final`` (s_f):
 
 - ``cubic`` (Zhu & Gupta 2017, eq. 1): s_t = s_f + (s_i - s_f) (1 - p)^3
+- ``inverse_cubic`` (SparseML's): s_t = s_i + (s_f - s_i) (1 - (1 - p)^(1/3)), slow at first, fast at the end
 - ``linear``: s_t = s_i + (s_f - s_i) p
 - ``cosine``: s_t = s_f + (s_i - s_f) (1 + cos(pi p)) / 2
 - ``exponential``: density decays geometrically, (1 - s_t) = (1 - s_i) ((1 - s_f) / (1 - s_i))^p, so every equally
@@ -77,6 +78,10 @@ def _cubic(p: float, s_i: float, s_f: float) -> float:
     return s_f + (s_i - s_f) * (1.0 - p) ** 3
 
 
+def _inverse_cubic(p: float, s_i: float, s_f: float) -> float:
+    return s_i + (s_f - s_i) * (1.0 - (1.0 - p) ** (1.0 / 3.0))
+
+
 def _linear(p: float, s_i: float, s_f: float) -> float:
     return s_i + (s_f - s_i) * p
 
@@ -95,6 +100,7 @@ def _constant(p: float, s_i: float, s_f: float) -> float:
 
 CURVES: dict[str, Callable[[float, float, float], float]] = {
     "cubic": _cubic,
+    "inverse_cubic": _inverse_cubic,
     "linear": _linear,
     "cosine": _cosine,
     "exponential": _exponential,
