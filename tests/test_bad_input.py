@@ -32,7 +32,10 @@ from sparse_lightning import (
         ({"end": 1.5}, r"`end` as a float is a fraction of training and must lie in \(0, 1\]"),
         ({"every": 0}, r"`every` must be >= 1"),
         ({"every": "soon"}, r"`every` must be .*could not parse 'soon'"),
-        ({"curve": "quartic"}, r"`curve` must be one of \['constant', 'cosine', 'cubic', 'exponential', 'inverse_cubic', 'linear'\]"),
+        (
+            {"curve": "quartic"},
+            r"`curve` must be one of \['constant', 'cosine', 'cubic', 'exponential', 'inverse_cubic', 'linear'\]",
+        ),
         ({"distribution": "random"}, r"`distribution` must be one of \['uniform', 'er', 'erk', 'global'\]"),
         ({"pattern": "5:4"}, r"'5:4' is not a valid N:M pattern: need 0 < N < M"),
         ({"pattern": "diagonal"}, r"Unknown `pattern` 'diagonal'. Allowed: 'unstructured', 'channel'"),
