@@ -81,6 +81,10 @@ def run(config: dict) -> dict:
             )
     elif config["method"] == "modelpruning":
         callbacks.append(modelpruning_callback(model, sparsity, start_ep, end_ep))
+    elif config["method"] == "acdc":
+        from sparse_lightning import ACDC
+
+        callbacks.append(ACDC(sparsity=sparsity, log_sparsity=False))
     elif config["method"].startswith("earlycrop"):
         from sparse_lightning import EarlyCroP
 
@@ -112,7 +116,7 @@ def run(config: dict) -> dict:
 
 DST = ("static-erk", "rigl-erk", "rigl-uniform", "set", "set-er", "snip", "gap")
 EARLYCROP = ("earlycrop", "earlycrop-ref", "earlycrop-steps10", "earlycrop-steps0")
-METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", *DST, *EARLYCROP)
+METHODS = ("dense", "modelpruning", "gmp-global", "gmp-erk", "gmp-uniform", "mfac-pruning", "acdc", *DST, *EARLYCROP)
 SETTINGS = {25: (200, [0.8, 0.9, 0.95]), 128: (100, [0.8, 0.9, 0.95, 0.98])}
 
 
@@ -185,6 +189,7 @@ LABELS = {
     "gmp-erk": "`GradualMagnitudePruning`, ERK",
     "gmp-uniform": "`GradualMagnitudePruning`, uniform",
     "mfac-pruning": "`MFACPruning`, global (64 gradients, blocks of 128, 16 recomputations)",
+    "acdc": "`ACDC`, global (defaults: dense to 10%, phases of 5%, sparse from 90%)",
     "static-erk": "`StaticRandomMask`, ERK (random mask, never updated)",
     "rigl-erk": "`RigL`, ERK (defaults: every 100 steps, alpha 0.3, end 75%)",
     "rigl-uniform": "`RigL`, uniform",
@@ -228,7 +233,8 @@ def write_report(path: Path) -> None:
         "0.9 0.95 0.98`, "
         "`... --methods gmp-global snip rigl-erk --levels 0.98 --channels 25`, "
         "`... --methods snip rigl-erk --levels 0.98 --channels 128` and "
-        "`... --methods earlycrop-steps10 earlycrop-steps0 --channels 25 --levels 0.95` (1 torch thread a run; raw "
+        "`... --methods earlycrop-steps10 earlycrop-steps0 --channels 25 --levels 0.95` and "
+        "`... --methods acdc --levels 0.8 0.9 0.95` (1 torch thread a run; raw "
         "rows in "
         "`benchmarks/results/accuracy_mnist1d.csv`, which each run updates). Test accuracy in %, mean ± standard "
         "deviation over seeds (n = number of seeds); the sparsity is the fraction of exact zeros over all conv/linear "

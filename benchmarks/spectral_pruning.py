@@ -197,13 +197,13 @@ def write_accuracy(results: list[dict], args: argparse.Namespace) -> None:
         )
     header = ["run", "test acc %", "rho(H) at the end (per seed)", "channels removed of 75", "ms per step"]
     command = (
-        f"python benchmarks/spectral_pruning.py --seeds {args.seeds} --epochs {args.epochs}` (then `... --methods "
-        f"l0-structured --append --skip-cost`"
+        f"python benchmarks/spectral_pruning.py --seeds {args.seeds} --epochs {args.epochs}`, then `... --methods "
+        "l0-structured --append --skip-cost"
     )
     write_section(
         "spectral-pruning",
         "## Neuron pruning with the spectral regularizer on MNIST-1D (paper CNN)\n\n"
-        f"Command: `{command}` (1 thread a run, 50% of the convolution channels, epochs 10%-60%, an event every 40 "
+        f"Commands: `{command}` (1 thread a run, 50% of the convolution channels, epochs 10%-60%, an event every 40 "
         "steps; ms per step from runs sharing the 2 cores, so only a rough guide: see `spectral-cost`).\n\n"
         + table(header, body),
     )
@@ -229,7 +229,8 @@ def write_costs(costs: dict[str, dict[str, list[float]]], args: argparse.Namespa
     write_section(
         "spectral-cost",
         "## Cost of a regularized step: power iteration against Kronecker factors\n\n"
-        f"Command: `python benchmarks/spectral_pruning.py --rounds {args.rounds}` (1 torch thread, one process; "
+        f"Command: `python benchmarks/spectral_pruning.py --skip-accuracy --rounds {args.rounds}` (1 torch thread, one "
+        "process; "
         f"{args.rounds} rounds of a plain, an `hvp` and a `kfac` run of 2 epochs, interleaved; mu 0.01, K 0, every "
         "step).\n\n" + table(header, body),
     )

@@ -79,10 +79,10 @@ BAD = [
     (
         GOOD.replace("method: gradual_magnitude", "method: rigl_magic"),
         r"stages\[0\].methods\[0\].method: unknown method 'rigl_magic'. "
-        r"Registered: channel_pruning, constant_mask, controlled_sparsity, early_crop, gap, gradual_magnitude, "
-        r"mfac_preconditioner, "
+        r"Registered: acdc, channel_pruning, constant_mask, controlled_sparsity, early_crop, gap, gradual_magnitude, "
+        r"lr_function, mfac_preconditioner, "
         r"mfac_pruning, rigl, set, snip, soft_mask_channel_pruning, spectral_hessian, "
-        r"static_random",
+        r"static_random, weight_decay\.",
     ),
     (GOOD.replace("${every}", "${period}"), r"stages\[0\].methods\[0\].args.every: undefined variable \$\{period\}"),
     (GOOD.replace("end: 0.5", "end: soon"), r"stages\[0\].end: .*could not parse 'soon'"),
