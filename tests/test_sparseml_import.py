@@ -64,6 +64,14 @@ def test_a_recipe_card_after_a_licence_comment_with_text_variables_list_masks_al
     assert problems == ["modifiers[4] !DistillationModifier: distillation is not part of sparse-lightning; left out."]
 
 
+def test_a_tutorial_gives_the_first_fenced_block_that_parses_as_a_recipe():
+    """An inline ```code``` on one line opens no block; a block that does not parse is passed over."""
+    recipe, problems = convert_sparseml(FIXTURES / "tutorial.md")
+    assert recipe["trainer"] == {"max_epochs": 10} and problems == []
+    args = recipe["stages"][0]["methods"][0]["args"]
+    assert (args["sparsity"], args["pattern"], args["every"]) == (0.8, "unstructured", "0.5ep")  # [1, 1] blocks
+
+
 def test_refusals_are_one_line_each_naming_the_modifier_and_the_field():
     recipe, problems = convert_sparseml(FIXTURES / "refusals.yaml")
     assert problems == [

@@ -2,7 +2,8 @@
 
 SparseML (end of life in 2025) wrote recipes as YAML, or as YAML front matter in Markdown recipe cards (often after
 an HTML licence comment), with tagged modifiers. The front matter is found as SparseML finds it: the block between
-the first two ``---`` lines, whatever stands around it. Top-level keys are variables; ``eval(...)`` over numbers,
+the first two ``---`` lines, whatever stands around it; a README or tutorial without one gives the first fenced
+code block that holds a modifier. Top-level keys are variables; ``eval(...)`` over numbers,
 variables (text ones included) and + - * / // % ** is resolved, and numbers YAML reads as text (``5e-5``) are
 numbers, as in SparseML. A field that can not be resolved is reported only if a converted modifier uses it.
 
@@ -163,30 +164,72 @@ def _resolve(value: Any, variables: dict[str, Any]) -> Any:
     return _number(value)
 
 
-def front_matter(text: str) -> str:
-    """The recipe's YAML: between the first two ``---`` lines (a recipe card), else the whole text."""
+def front_matter(text: str) -> str | None:
+    """A recipe card's YAML: between the first two ``---`` lines (``None`` when there is no such line)."""
     lines = text.splitlines()
     marks = [i for i, line in enumerate(lines) if line.strip() == "---"]
     if not marks:
-        return text
+        return None
     end = marks[1] if len(marks) > 1 else len(lines)
     return "\n".join(lines[marks[0] + 1 : end])
 
 
+def code_blocks(text: str) -> list[tuple[int, str]]:
+    """The fenced code blocks of a Markdown text that hold a SparseML modifier (README and tutorial recipes), with
+    the line each starts on."""
+    blocks, current, first = [], None, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        fence = line.strip()
+        if current is None:
+            if fence.startswith("```") and "```" not in fence[3:]:  # not an inline ```code``` on one line
+                current, first = [], number + 1
+        elif fence.startswith("```"):
+            blocks.append((first, "\n".join(current)))
+            current = None
+        else:
+            current.append(line)
+    return [(line, b) for line, b in blocks if re.search(r"!\w+Modifier", b)]
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_TaggedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _has_modifiers(data: Any) -> bool:
+    return isinstance(data, dict) and any("modifiers" in str(k) and isinstance(v, list) for k, v in data.items())
+
+
 def read_sparseml(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Top-level variables and the list of modifiers of a SparseML recipe (YAML or a Markdown recipe card)."""
+    """Top-level variables and the list of modifiers of a SparseML recipe: a YAML file, a recipe card's front
+    matter, or the first fenced code block of a Markdown README or tutorial that holds one."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: can not be read: {err.strerror}.") from None
-    try:
-        data = yaml.load(front_matter(text), Loader=_TaggedLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
+    matter = front_matter(text)
+    candidates = [("the front matter", matter)] if matter is not None else []
+    candidates += [(f"the code block at line {line}", block) for line, block in code_blocks(text)]
+    candidates += [("the file", text)]
+    data, first_error = None, None
+    for label, candidate in candidates:
+        try:
+            parsed = _parse(candidate)
+        except yaml.YAMLError as err:
+            first_error = first_error or (label, err)
+            continue
+        if _has_modifiers(parsed):
+            data = parsed
+            break
+    if data is None and first_error is not None:
+        label, err = first_error
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
+        where = f" at line {mark.line + 1} of {label}" if mark is not None else f" in {label}"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}.") from None
+        raise ConfigError(
+            f"{path}: no SparseML recipe found (front matter or a fenced block with a `modifiers` list); YAML syntax "
+            f"error{where}: {problem}."
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a SparseML recipe is a mapping with a `modifiers` list.")
     variables: dict[str, Any] = {}
@@ -246,6 +289,8 @@ def _params(value: Any, prefix: str) -> list[str] | None:
 
 def _pattern(value: Any) -> str:
     if isinstance(value, (list, tuple)):
+        if list(value) == [1, 1]:
+            return "unstructured"  # SparseML's block creator with 1 x 1 blocks
         if len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value) and value[0] * value[1] > 1:
             return f"block:{value[0]}x{value[1]}"
         raise Refused("mask_type", f"{value!r} is not a block shape [rows, columns]")
