@@ -21,11 +21,9 @@ def run(seed: int, epochs: int, regularizer: dict | None) -> dict:
     import lightning.pytorch as pl
     import torch
     from _report import QUIET_TRAINER
-    from torch import nn
+    from spectral_pruning import final_rho
 
     from sparse_lightning import SpectralHessianRegularization
-    from sparse_lightning.core.spectral import spectral_radius
-    from sparse_lightning.core.targets import select_parameters
     from sparse_lightning.data import MNIST1DDataModule
     from sparse_lightning.models import MNIST1DCNN
 
@@ -39,13 +37,7 @@ def run(seed: int, epochs: int, regularizer: dict | None) -> dict:
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - began
     acc = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
-    data.setup("fit")
-    x, y = data.train_set[:1000]  # a TensorDataset with val_fraction=0
-    model.eval()
-    named = dict(model.named_parameters())
-    params = [named[n] for n in select_parameters(model)]
-    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
-    rho = spectral_radius(grads, params, tolerance=1e-6, max_iterations=5000).rho
+    rho = final_rho(model, data)
     return {"acc": 100 * acc, "rho": rho, "step_seconds": seconds / trainer.global_step}
 
 

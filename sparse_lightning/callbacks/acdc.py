@@ -11,7 +11,7 @@ from torch import Tensor
 from sparse_lightning.callbacks.base import SparsityCallback, check_fraction, check_pattern_fits
 from sparse_lightning.callbacks.registry import register
 from sparse_lightning.core.distribution import check_distribution, pruned_units
-from sparse_lightning.core.errors import ConfigError, ConfigTypeError
+from sparse_lightning.core.errors import ConfigTypeError
 from sparse_lightning.core.patterns import parse_pattern
 from sparse_lightning.core.plan import Event, Timeline, check_window
 from sparse_lightning.core.schedules import TimeSpec, TimeValue, parse_time
@@ -68,11 +68,7 @@ class ACDC(SparsityCallback):
         check_window(self.start_spec, self.end_spec, self.phase_spec)
         self.distribution = check_distribution(distribution)
         self.pattern = parse_pattern(pattern)
-        if self.sparsity > self.pattern.max_sparsity + 1e-12:
-            raise ConfigError(
-                f"`sparsity` {sparsity} is more than pattern {self.pattern} allows "
-                f"(at most {self.pattern.max_sparsity})."
-            )
+        self.pattern.check_sparsity(self.sparsity)
         if not isinstance(reset_momentum, bool):
             raise ConfigTypeError(f"`reset_momentum` must be a bool, got {reset_momentum!r}.")
         self.reset_momentum = reset_momentum

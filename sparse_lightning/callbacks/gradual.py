@@ -139,11 +139,7 @@ class GradualMagnitudePruning(GradualSchedule, SparsityCallback):
         self.init_schedule(sparsity, initial_sparsity, start, end, every, curve)
         self.distribution = check_distribution(distribution)
         self.pattern = parse_pattern(pattern)
-        if self.sparsity > self.pattern.max_sparsity + 1e-12:
-            raise ConfigError(
-                f"`sparsity` {sparsity} is more than pattern {self.pattern} allows "
-                f"(at most {self.pattern.max_sparsity})."
-            )
+        self.pattern.check_sparsity(self.sparsity)
         if overrides is not None and not isinstance(overrides, Mapping):
             raise ConfigTypeError(f"`overrides` must map parameter-name patterns to sparsities, got {overrides!r}.")
         self.overrides = {str(k): check_fraction(f"overrides[{k!r}]", v) for k, v in (overrides or {}).items()}

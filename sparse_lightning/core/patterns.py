@@ -49,6 +49,13 @@ class Pattern:
         """The highest sparsity the pattern allows, before per-layer limits."""
         return 1.0 - self.n / self.m if self.kind == "nm" else 1.0
 
+    def check_sparsity(self, sparsity: float) -> None:
+        """Raise ``ValueError`` when ``sparsity`` is more than the pattern allows (N:M: 1 - N/M)."""
+        if sparsity > self.max_sparsity + 1e-12:
+            raise ConfigError(
+                f"`sparsity` {sparsity} is more than pattern {self} allows (at most {self.max_sparsity})."
+            )
+
     def check(self, name: str, shape: torch.Size) -> None:
         """Raise ``ValueError`` naming the parameter when its shape can not carry this pattern."""
         if self.kind == "unstructured":
