@@ -22,6 +22,15 @@ def test_include_exclude_globs_and_regex(model):
     assert select_parameters(model, exclude=["conv.*"]) == ["fc1.weight", "fc2.weight"]
 
 
+def test_type_patterns_select_the_weights_of_module_classes_and_their_subclasses(model):
+    assert select_parameters(model, include=["type:_ConvNd|BatchNorm1d"]) == ["conv.weight", "bn.weight"]
+    assert select_parameters(model, include=["type:Module"], exclude=["type:Linear"]) == ["conv.weight", "bn.weight"]
+    with pytest.raises(ValueError, match="`include` pattern 'type:Embedding' selects no parameter"):
+        select_parameters(model, include=["type:Embedding"])
+    with pytest.raises(ValueError, match="names no module class"):
+        select_parameters(model, include=["type:"])
+
+
 def test_patterns_that_select_nothing_are_named(model):
     with pytest.raises(ValueError, match=r"`include` pattern 'encoder\.\*' selects no parameter"):
         select_parameters(model, include=["encoder.*"])
