@@ -1,10 +1,18 @@
 """Masked training under ``torch.compile`` matches eager, and mask updates do not recompile the model."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from helpers import QUIET, TinyNet, tiny_loader
 
-from sparse_lightning import ChannelPruning, EarlyCroP, GradualMagnitudePruning, compact, masks_of
+from sparse_lightning import (
+    ChannelPruning,
+    EarlyCroP,
+    GradualMagnitudePruning,
+    SpectralHessianRegularization,
+    compact,
+    masks_of,
+)
 
 
 def _train(compile_model: bool):
@@ -84,3 +92,33 @@ def test_earlycrop_scores_a_compiled_module_with_its_eager_forward():
         assert torch.equal(mask, masks_of(compiled)[name]), name
     for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"method": "hvp"}, {"method": "kfac"}, {"method": "kfac", "sparsity": 0.5, "end": 0.5, "prune_every": 4}],
+    ids=["hvp", "kfac", "neuron_pruning"],
+)
+def test_the_spectral_penalty_of_a_compiled_module_matches_eager(kwargs):
+    """The penalty differentiates the loss two or three times: it runs the module's own eager methods (a compiled
+    graph raises 'does not currently support double backward'), and the neuron saliencies' hooks see the compiled
+    forward."""
+
+    def train(compile_model: bool):
+        torch.manual_seed(0)
+        model = TinyNet("sgd", lr=0.05, momentum=0.9)
+        model.example_input_array = torch.zeros(2, 16)
+        spectral = SpectralHessianRegularization(0.05, bound=0.0, every=4, log=False, **kwargs)
+        trainer = pl.Trainer(max_epochs=2, callbacks=[spectral], **QUIET)
+        trainer.fit(torch.compile(model) if compile_model else model, tiny_loader())
+        return model, spectral
+
+    torch._dynamo.reset()
+    eager, eager_spectral = train(False)
+    compiled, spectral = train(True)
+    assert spectral.rho == pytest.approx(eager_spectral.rho, rel=1e-5) and spectral.rho > 0
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    if "sparsity" in kwargs:
+        assert all(torch.equal(k, eager_spectral.keeps[g]) for g, k in spectral.keeps.items())
+        assert sum(int((~k).sum()) for k in spectral.keeps.values()) > 0

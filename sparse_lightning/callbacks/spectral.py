@@ -33,6 +33,7 @@ from sparse_lightning.core.spectral import (
 from sparse_lightning.core.targets import select_parameters
 from sparse_lightning.structure.groups import ChannelGroup, channel_masks
 from sparse_lightning.structure.selection import select_channels
+from sparse_lightning.structure.tracer import eager
 
 METHODS = ("hvp", "kfac")
 PRUNING_ARGUMENTS = ("cost", "round_to", "start", "end", "prune_every", "curve", "compact_during_fit")
@@ -239,8 +240,11 @@ class SpectralHessianRegularization(Variants, MethodCallback):
             pl_module.log("spectral/rho", self.rho, on_step=True, on_epoch=False)
 
     def _batch_loss(self, pl_module: pl.LightningModule) -> Tensor:
+        """The step's loss again, through the module's own eager methods (a graph compiled by ``Trainer.fit`` can
+        not be differentiated twice)."""
         batch, idx = self._batch  # type: ignore[misc]
-        return training_loss(pl_module, batch, idx, type(self).__name__)
+        with eager(pl_module):
+            return training_loss(pl_module, batch, idx, type(self).__name__)
 
     def _hvp_penalty(self, pl_module: pl.LightningModule, params: list[Tensor]) -> list[Tensor]:
         """d rho(H) / d theta on the step's batch when the estimate converged above the bound, else zeros."""
