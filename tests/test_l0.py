@@ -52,6 +52,7 @@ def test_dual_ascent_reaches_a_toy_constraint_and_restarts():
 def _fit(root=None, epochs=6, callbacks=(), ckpt_path=None, **kwargs):
     torch.manual_seed(0)
     model = TinyNet("adam", lr=0.01)
+    model.example_input_array = torch.zeros(2, 16)  # traced by the structured gates' channel groups
     l0 = ControlledSparsity(**{"sparsity": 0.7, "dual_lr": 0.05, "gate_lr": 0.05, "log_sparsity": False, **kwargs})
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -196,20 +197,8 @@ def test_bf16_mixed_precision_and_gradient_accumulation():
 
 
 def _fit_structured(root=None, epochs=6, callbacks=(), ckpt_path=None, **kwargs):
-    torch.manual_seed(0)
-    model = TinyNet("adam", lr=0.01)
-    model.example_input_array = torch.zeros(2, 16)
-    l0 = ControlledSparsity(
-        **{"sparsity": 0.6, "structured": True, "dual_lr": 0.2, "gate_lr": 0.1, "log_sparsity": False, **kwargs}
-    )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[l0, *callbacks],
-        default_root_dir=root,
-        **{**QUIET, "enable_checkpointing": root is not None},
-    )
-    trainer.fit(model, tiny_loader(), ckpt_path=ckpt_path)
-    return model, l0, trainer
+    structured = {"sparsity": 0.6, "structured": True, "dual_lr": 0.2, "gate_lr": 0.1, **kwargs}
+    return _fit(root, epochs, callbacks, ckpt_path, **structured)
 
 
 def test_structured_gates_act_after_the_norm_and_on_the_neurons():

@@ -426,6 +426,8 @@ class StructuredControlledSparsity(ControlledSparsity, ChannelMethod):
                 self._gate_handles.append(layer.register_forward_hook(self._gate_hook(group.name, where)))
 
     def _gate_hook(self, group: str, where: Tensor) -> Any:
+        index = {"where": where}  # moved to the gates' device once, not on every forward
+
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             log_alpha = self.log_alpha[group]
             if layer.training:
@@ -434,7 +436,9 @@ class StructuredControlledSparsity(ControlledSparsity, ChannelMethod):
                 gate = hard_concrete(log_alpha, self._noise[group])
             else:
                 gate = eval_gates(log_alpha)
-            positions = torch.cat([gate, gate.new_ones(1)])[where.to(gate.device)].to(output.dtype)
+            if index["where"].device != gate.device:
+                index["where"] = index["where"].to(gate.device)
+            positions = torch.cat([gate, gate.new_ones(1)])[index["where"]].to(output.dtype)
             dim = output.dim() - 1 if isinstance(layer, nn.Linear) else 1
             shape = [1] * output.dim()
             shape[dim] = -1
@@ -453,7 +457,7 @@ class StructuredControlledSparsity(ControlledSparsity, ChannelMethod):
             self._draw_noise()
 
     def remove_gates(self) -> None:
-        for handle in getattr(self, "_gate_handles", []):
+        for handle in self._gate_handles:
             handle.remove()
         self._gate_handles = []
 
